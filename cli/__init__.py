@@ -1,0 +1,1 @@
+"""The fpo command line."""

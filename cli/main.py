@@ -1,0 +1,85 @@
+"""`fpo`: the command line. Commands parse and report; the work lives in fpo_recipes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import typer
+import yaml
+
+from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
+
+app = typer.Typer(
+    name="fpo",
+    help="Feature-level constrained preference optimisation recipes: validate, precompute, train, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _summary(recipe: Recipe) -> str:
+    o = recipe.objective
+    parts = [f"{o.method} on {recipe.model.name_or_path}"]
+    if recipe.sae is not None and o.method == "fpo":
+        source = recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}"
+        parts.append(f"SAE {source} @ layer {recipe.sae.layer} ({recipe.sae.hook})")
+    knobs = [f"beta={o.beta}"]
+    if o.alpha is not None:
+        knobs.append(f"alpha={o.alpha}")
+    if o.gamma is not None:
+        knobs.append(f"gamma={o.gamma}")
+    if o.method == "fpo":
+        knobs.append(f"k={o.k} ({o.pooling})")
+    parts.append(" ".join(knobs))
+    t = recipe.train
+    parts.append(f"lr {t.learning_rate:g} x batch {t.batch_size}, {t.optimizer}")
+    if recipe.constraints:
+        parts.append(f"{len(recipe.constraints)} targeted constraint(s)")
+    return ", ".join(parts)
+
+
+@app.command()
+def validate(files: list[Path] = typer.Argument(..., help="Recipe YAML files to check.")) -> None:
+    """Check recipes before spending compute: schema, method rules, and offline shape checks."""
+    failed = False
+    for path in files:
+        try:
+            recipe = load_and_check(path)
+        except RecipeError as exc:
+            failed = True
+            for issue in exc.issues:
+                typer.echo(str(issue), err=True)
+            continue
+        for warning in recipe.warnings:
+            typer.echo(f"{path}: warning: {warning}", err=True)
+        typer.echo(f"ok {path}: {recipe.name}: {_summary(recipe)}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def show(file: Path = typer.Argument(..., help="Recipe YAML file.")) -> None:
+    """Print the fully resolved recipe (extends and defaults applied) as YAML."""
+    try:
+        recipe = load_and_check(file)
+    except RecipeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False), nl=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editor completion)."""
+    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+# Stage commands live beside the stages they drive; each module adds itself to the app.
+for _module in ("precompute", "train", "evaluate", "run", "features", "quickstart"):
+    try:
+        importlib.import_module(f"fpo_recipes.cli.{_module}").register(app)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"fpo_recipes.cli.{_module}":
+            raise

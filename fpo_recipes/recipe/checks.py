@@ -1,0 +1,84 @@
+"""Checks that need more than the recipe itself: model depth, SAE width and d_in, and
+files the recipe points at. Everything is read locally or from the built-in shape
+table; nothing is downloaded and no weights are loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fpo_recipes.recipe.features_file import read_features_file
+from fpo_recipes.recipe.loader import RecipeIssue, origin_of
+from fpo_recipes.recipe.schema import Recipe
+from fpo_recipes.recipe.shapes import model_shape, sae_shape_from_path, sae_shape_from_release
+
+
+def _issue(recipe: Recipe, loc: tuple, message: str) -> RecipeIssue:
+    file, line = origin_of(recipe, loc)
+    field = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+    return RecipeIssue(file, line, field, message)
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).suffix in {".npz", ".json", ".jsonl", ".parquet", ".csv"}
+
+
+def check_recipe(recipe: Recipe) -> list[RecipeIssue]:
+    """Every cross-check we can make offline; an empty list means the recipe is sound."""
+    issues: list[RecipeIssue] = []
+    issues += _check_files(recipe)
+    if recipe.objective.method == "fpo" and recipe.sae is not None:
+        issues += _check_sae_shapes(recipe)
+    return issues
+
+
+def _check_files(recipe: Recipe) -> list[RecipeIssue]:
+    issues = []
+    for i, c in enumerate(recipe.constraints):
+        if c.features_file is None:
+            continue
+        try:
+            read_features_file(recipe.resolve_input(c.features_file))
+        except (OSError, ValueError) as exc:
+            issues.append(_issue(recipe, ("constraints", i, "features_file"), f"{exc} (hint: run `fpo features discover` to write one)"))
+    sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
+    for split, source in sources:
+        resolved = recipe.resolve_input(source.path)
+        if _looks_local(source.path) and not Path(resolved).exists():
+            issues.append(_issue(recipe, ("data", split, "path"), f"{resolved} does not exist"))
+    if recipe.sae is not None and recipe.sae.path is not None and recipe.objective.method == "fpo":
+        resolved = Path(recipe.resolve_input(recipe.sae.path))
+        # A missing SAE directory is fine when a stage will create it (quickstart trains one).
+        if resolved.exists() and sae_shape_from_path(str(resolved)) is None:
+            issues.append(_issue(recipe, ("sae", "path"), f"{resolved} is neither a sae-lens directory (cfg.json) nor a Gemma Scope params.npz"))
+    return issues
+
+
+def _check_sae_shapes(recipe: Recipe) -> list[RecipeIssue]:
+    sae, issues = recipe.sae, []
+    model = model_shape(recipe.resolve_input(recipe.model.name_or_path))
+    if sae.path is not None:
+        shape = sae_shape_from_path(recipe.resolve_input(sae.path))
+    else:
+        shape = sae_shape_from_release(sae.release, sae.id)
+    if model is not None:
+        for layer in sae.layers:
+            if layer >= model.num_layers:
+                issues.append(_issue(recipe, ("sae", "layer"),
+                    f"layer {layer} is past the model's depth ({model.num_layers} layers: 0..{model.num_layers - 1})"))
+    if shape is None:
+        return issues
+    if shape.layer is not None and sae.layers != [shape.layer]:
+        issues.append(_issue(recipe, ("sae", "layer"),
+            f"{sae.layer} does not match the SAE id, which names layer {shape.layer} (hint: use one SAE per layer)"))
+    width = shape.d_sae or sae.width
+    if width is not None and recipe.objective.k > width:
+        issues.append(_issue(recipe, ("objective", "k"), f"{recipe.objective.k} exceeds the SAE width {width}"))
+    if width is not None and recipe.precompute.k_cache > width:
+        issues.append(_issue(recipe, ("precompute", "k_cache"), f"{recipe.precompute.k_cache} exceeds the SAE width {width}"))
+    if sae.width is not None and shape.d_sae is not None and sae.width != shape.d_sae:
+        issues.append(_issue(recipe, ("sae", "width"), f"{sae.width} but the SAE has width {shape.d_sae}"))
+    if model is not None and shape.d_in is not None and shape.d_in != model.hidden_size:
+        issues.append(_issue(recipe, ("sae",),
+            f"SAE input width d_in={shape.d_in} does not match the model's hidden size {model.hidden_size} "
+            "(hint: the SAE was trained on another model)"))
+    return issues

@@ -1,0 +1,34 @@
+"""Feature list files that `constraints[].features_file` names.
+
+Accepted: a JSON list of ints, a JSON object with a "features" list (what
+`fpo features discover` writes), or plain text with one id per line (# comments).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_features_file(path: str | Path) -> list[int]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"features_file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            data = data.get("features")
+            data = [f["id"] if isinstance(f, dict) else f for f in data or []]
+        if not isinstance(data, list) or not all(isinstance(i, int) and i >= 0 for i in data):
+            raise ValueError(f"features_file {path}: expected a list of non-negative ints")
+        return data
+    ids = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not line.isdigit():
+            raise ValueError(f"features_file {path}:{n}: {line!r} is not a feature id")
+        ids.append(int(line))
+    return ids

@@ -1,0 +1,363 @@
+"""The recipe format: one Pydantic model per top-level section, unknown keys rejected.
+
+Field names are a product decision (shared recipes depend on them): change them only
+with a schema_version bump.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+Method = Literal["fpo", "dpo", "simpo", "tdpo1", "tdpo2", "simpo_kl"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+# Which methods carry a constraint term (alpha applies) and which a constant margin (gamma).
+CONSTRAINED_METHODS = {"fpo", "tdpo2", "simpo_kl"}
+GAMMA_METHODS = {"simpo", "simpo_kl"}
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw",
+    "adam",
+    "rmsprop",
+    "sgd",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "rmsprop_bnb_8bit",
+    "paged_adamw",
+)
+METRICS = ("preference_accuracy", "seq_kl", "feature_mse", "entropy", "targeted_shift", "answer_accuracy", "win_rate")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelSpec(Section):
+    name_or_path: str = Field(description="Hub id, local directory, or builtin:gemma3-270m")
+    revision: str | None = None
+    dtype: Dtype = "bfloat16"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    adapter: Literal["lora"] | None = None
+    lora: LoraSpec | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_8bit: cannot be combined with load_in_4bit (hint: choose one bitsandbytes quantisation)")
+        if self.lora is not None and self.adapter != "lora":
+            raise ValueError("lora: settings given without adapter: lora (hint: add `adapter: lora` or drop `lora:`)")
+        if (self.load_in_4bit or self.load_in_8bit) and self.adapter is None:
+            raise ValueError("adapter: quantised loading trains only an adapter (hint: add `adapter: lora`)")
+        return self
+
+
+class ReferenceSpec(Section):
+    name_or_path: str
+    revision: str | None = None
+    dtype: Dtype = "bfloat16"
+
+
+class SAESpec(Section):
+    release: str | None = Field(None, description="sae-lens pretrained release, e.g. gemma-scope-2b-pt-res-canonical")
+    id: str | None = Field(None, description="sae-lens SAE id within the release, e.g. layer_25/width_16k/canonical")
+    path: str | None = Field(None, description="local sae-lens directory or Gemma Scope params.npz")
+    layer: int | list[int]
+    hook: Literal["resid_post", "mlp_out"] = "resid_post"
+    width: int | None = Field(None, ge=1, description="SAE width if known; checked against objective.k")
+
+    @field_validator("layer")
+    @classmethod
+    def _layers_non_negative(cls, v):
+        layers = v if isinstance(v, list) else [v]
+        if not layers:
+            raise ValueError("at least one layer is needed")
+        if any(layer < 0 for layer in layers):
+            raise ValueError("layers are 0-based and non-negative")
+        if len(set(layers)) != len(layers):
+            raise ValueError("a layer is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SAESpec:
+        has_pretrained = self.release is not None or self.id is not None
+        if has_pretrained and self.path is not None:
+            raise ValueError("path: give either release + id or path, not both")
+        if has_pretrained and (self.release is None or self.id is None):
+            raise ValueError("id: release and id go together (hint: e.g. release: gemma-scope-2b-pt-res-canonical, id: layer_25/width_16k/canonical)")
+        if not has_pretrained and self.path is None:
+            raise ValueError("an SAE source is needed (hint: release + id, or path)")
+        return self
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.layer) if isinstance(self.layer, list) else [self.layer]
+
+
+class ObjectiveSpec(Section):
+    method: Method
+    beta: float = Field(0.1, gt=0)
+    alpha: float | None = Field(None, ge=0)
+    gamma: float | None = None
+    k: int = Field(64, ge=1, description="features per sequence in the top-k union")
+    # The authors' code sums over response tokens (Eq. 10); the text says average.
+    pooling: Literal["mean", "sum"] = "sum"
+    stop_gradient: bool = True
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> ObjectiveSpec:
+        if self.gamma is not None and self.method not in GAMMA_METHODS:
+            raise ValueError(f"gamma: applies only to simpo and simpo_kl, not {self.method} (hint: remove gamma)")
+        if self.method in GAMMA_METHODS and self.gamma is None:
+            raise ValueError(f"gamma: {self.method} needs gamma, the constant target margin (hint: the paper uses gamma: 0.5)")
+        if self.alpha is not None and self.method not in CONSTRAINED_METHODS:
+            raise ValueError(
+                f"alpha: weighs a constraint term, which {self.method} does not have (hint: remove alpha; it applies to fpo, tdpo2, simpo_kl)"
+            )
+        return self
+
+
+class Constraint(Section):
+    name: str
+    features: list[int] | None = None
+    features_file: str | None = None
+    weight: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Constraint:
+        if (self.features is None) == (self.features_file is None):
+            raise ValueError("features: give exactly one of features or features_file")
+        if self.features is not None and any(f < 0 for f in self.features):
+            raise ValueError("features: feature ids are non-negative")
+        return self
+
+
+class DataSource(Section):
+    path: str = Field(description="local .jsonl/.json/.parquet/.csv file, a saved datasets dir, or a hub data set name")
+    split: str = "train"
+    format: Literal["columns", "conversation"] = "columns"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    limit: int | None = Field(None, ge=1)
+
+
+class DataSpec(Section):
+    train: DataSource
+    eval: DataSource | None = None
+    chat_template: str | None = Field("tokenizer", description="'tokenizer' (its own), a Jinja template, or null for plain text")
+    max_length: int = Field(1024, ge=2)
+    max_prompt_length: int = Field(512, ge=1)
+    heldout_size: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataSpec:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length: must be below max_length (hint: leave room for the response)")
+        return self
+
+
+class TrainSpec(Section):
+    learning_rate: float = Field(5e-7, gt=0)
+    batch_size: int = Field(32, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    warmup_steps: int = Field(150, ge=0)
+    scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = "constant_with_warmup"
+    num_epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    optimizer: Literal[OPTIMIZERS] = "adamw_torch"  # type: ignore[valid-type]
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = True
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 42
+    output_dir: str | None = Field(None, description="defaults to runs/<name>")
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _accumulation(self) -> TrainSpec:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size: batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size} "
+                "(hint: gradient accumulation = batch_size / micro_batch_size must be whole)"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+class PrecomputeSpec(Section):
+    cache_dir: str | None = Field(None, description="defaults to runs/<name>/ref_cache")
+    batch_size: int = Field(8, ge=1)
+    k_cache: int = Field(256, ge=1, description="reference top-k stored per sequence; >= objective.k")
+
+
+class GenerationSpec(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_samples: int = Field(4, ge=1)
+    num_prompts: int = Field(32, ge=1)
+
+
+class JudgeSpec(Section):
+    endpoint: str = Field(description="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    baseline_run: str = Field(description="run directory whose generations this run is compared against")
+
+
+class EvaluateSpec(Section):
+    metrics: list[Literal[METRICS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["preference_accuracy", "seq_kl", "feature_mse", "entropy", "targeted_shift"]
+    )
+    heldout_size: int | None = Field(None, ge=1)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    judge: JudgeSpec | None = None
+
+    @model_validator(mode="after")
+    def _judge(self) -> EvaluateSpec:
+        if "win_rate" in self.metrics and self.judge is None:
+            raise ValueError("judge: win_rate needs a judge (hint: add evaluate.judge with endpoint, model, baseline_run)")
+        return self
+
+
+class ModelRef(BaseModel):
+    """The reference model, resolved: the `reference` section or else the policy's start."""
+
+    name_or_path: str
+    revision: str | None = None
+    dtype: Dtype = "bfloat16"
+
+
+class Recipe(Section):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; used in default output paths")
+    description: str = ""
+    extends: str | None = None
+    model: ModelSpec
+    reference: ReferenceSpec | None = None
+    sae: SAESpec | None = None
+    objective: ObjectiveSpec
+    constraints: list[Constraint] = Field(default_factory=list)
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    precompute: PrecomputeSpec = Field(default_factory=PrecomputeSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+    _source_path: Path | None = PrivateAttr(None)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+    _origins: dict = PrivateAttr(default_factory=dict)  # key path → (file, line), set by the loader
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"this fpo-recipes reads schema_version {SCHEMA_VERSION}, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_section(self, info: ValidationInfo) -> Recipe:
+        # The loader asks to defer these so it can point each at its own field and line.
+        problems = self.cross_section_problems()
+        if problems and not (info.context or {}).get("defer_cross_checks"):
+            raise ValueError("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems))
+        return self
+
+    def cross_section_problems(self) -> list[tuple[tuple, str]]:
+        """Rules that span sections, as (field location, message) pairs."""
+        problems: list[tuple[tuple, str]] = []
+        if self.objective.method == "fpo" and self.sae is None:
+            problems.append((("objective", "method"), "fpo needs an `sae:` section (hint: release + id or path, and layer)"))
+        if self.constraints and self.objective.method != "fpo":
+            problems.append((("constraints",), f"feature-level constraints apply only to objective.method fpo, not {self.objective.method}"))
+        if self.precompute.k_cache < self.objective.k:
+            problems.append((("precompute", "k_cache"),
+                f"{self.precompute.k_cache} must be >= objective.k ({self.objective.k}) (hint: the cache stores the reference's top-k_cache features)"))
+        if self.sae is not None and self.sae.width is not None and self.objective.k > self.sae.width:
+            problems.append((("objective", "k"), f"{self.objective.k} exceeds the SAE width ({self.sae.width})"))
+        return problems
+
+    # --- resolved views -------------------------------------------------------------
+    @property
+    def source_path(self) -> Path | None:
+        return self._source_path
+
+    @property
+    def base_dir(self) -> Path:
+        return self._source_path.parent if self._source_path else Path.cwd()
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._warnings)
+
+    def resolve_input(self, value: str) -> str:
+        """A relative local input path, resolved against the recipe's folder; hub names untouched."""
+        if value.startswith("builtin:"):
+            return value
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return str(path)
+        candidate = (self.base_dir / path).resolve()
+        if candidate.exists() or value.startswith((".", "/")) or path.suffix:
+            return str(candidate)
+        return value  # a hub name such as google/gemma-2-2b
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.name}")
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.precompute.cache_dir or self.output_dir / "ref_cache")
+
+    @property
+    def reference_model(self) -> ModelRef:
+        source = self.reference or self.model
+        return ModelRef(name_or_path=source.name_or_path, revision=source.revision, dtype=source.dtype)
+
+    def objective_config(self):
+        from fpo_recipes.objectives import ObjectiveConfig
+
+        o = self.objective
+        return ObjectiveConfig(
+            method=o.method,
+            beta=o.beta,
+            alpha=o.alpha if o.alpha is not None else 0.0,
+            gamma=o.gamma if o.gamma is not None else 0.0,
+            k=o.k,
+            pooling=o.pooling,
+            stop_gradient=o.stop_gradient,
+        )
+
+    def targeted_features(self) -> dict[int, float]:
+        """Feature id → weight over all constraints (later constraints override earlier)."""
+        from fpo_recipes.recipe.features_file import read_features_file
+
+        weights: dict[int, float] = {}
+        for c in self.constraints:
+            ids = c.features if c.features is not None else read_features_file(self.resolve_input(c.features_file))
+            for i in ids:
+                weights[int(i)] = c.weight
+        return dict(sorted(weights.items()))
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"extends"})

@@ -1,0 +1,104 @@
+"""Model and SAE shapes known without downloading anything.
+
+Used by `fpo validate` to check layer < depth, k <= SAE width and SAE d_in == hidden
+size before a GPU hour is spent. Sources, in order: a local config file, then the
+built-in tables below (public configs of the Gemma families and Gemma Scope).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class SAEShape:
+    d_in: int | None
+    d_sae: int | None
+    layer: int | None = None  # the layer an SAE was trained on, when its name says
+
+
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "google/gemma-2-2b": ModelShape(26, 2304),
+    "google/gemma-2-2b-it": ModelShape(26, 2304),
+    "google/gemma-2-9b": ModelShape(42, 3584),
+    "google/gemma-2-9b-it": ModelShape(42, 3584),
+    "google/gemma-2-27b": ModelShape(46, 4608),
+    "google/gemma-2-27b-it": ModelShape(46, 4608),
+    "google/gemma-3-270m": ModelShape(18, 640),
+    "google/gemma-3-270m-it": ModelShape(18, 640),
+    "google/gemma-3-1b-pt": ModelShape(26, 1152),
+    "google/gemma-3-1b-it": ModelShape(26, 1152),
+    "google/gemma-3-4b-pt": ModelShape(34, 2560),
+    "google/gemma-3-4b-it": ModelShape(34, 2560),
+    "builtin:gemma3-270m": ModelShape(18, 640),
+}
+
+# Gemma Scope releases (sae-lens names): residual-stream / MLP SAEs, d_in = model hidden size.
+_GEMMA_SCOPE_D_IN = {"gemma-scope-2b": 2304, "gemma-scope-9b": 3584, "gemma-scope-27b": 4608}
+_WIDTHS = {"1k": 1024, "4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768, "65k": 65536,
+           "131k": 131072, "262k": 262144, "524k": 524288, "1m": 1048576}
+
+
+def _text_config(cfg: dict) -> dict:
+    return cfg.get("text_config", cfg)
+
+
+def model_shape(name_or_path: str) -> ModelShape | None:
+    """Shape from a local config.json, else the built-in table; None when unknown."""
+    config = Path(name_or_path) / "config.json"
+    if config.is_file():
+        cfg = _text_config(json.loads(config.read_text()))
+        if "num_hidden_layers" in cfg and "hidden_size" in cfg:
+            return ModelShape(cfg["num_hidden_layers"], cfg["hidden_size"])
+    return KNOWN_MODELS.get(name_or_path)
+
+
+def _npz_array_shape(path: Path, name: str) -> tuple[int, ...] | None:
+    """Shape of one array inside an .npz without reading its data."""
+    with zipfile.ZipFile(path) as zf:
+        member = f"{name}.npy"
+        if member not in zf.namelist():
+            return None
+        with zf.open(member) as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(f)
+    return tuple(shape)
+
+
+def sae_shape_from_path(path: str) -> SAEShape | None:
+    p = Path(path)
+    if p.is_dir() and (p / "cfg.json").is_file():
+        cfg = json.loads((p / "cfg.json").read_text())
+        return SAEShape(cfg.get("d_in"), cfg.get("d_sae"))
+    if p.is_file() and p.suffix == ".npz":
+        shape = _npz_array_shape(p, "W_enc")
+        if shape is not None and len(shape) == 2:
+            return SAEShape(shape[0], shape[1])
+    return None
+
+
+def sae_shape_from_release(release: str, sae_id: str) -> SAEShape | None:
+    """Gemma Scope names encode width and layer: e.g. layer_25/width_16k/canonical."""
+    family = next((d for prefix, d in _GEMMA_SCOPE_D_IN.items() if release.startswith(prefix)), None)
+    width_match = re.search(r"width_(\d+[km])", sae_id)
+    layer_match = re.search(r"layer_(\d+)", sae_id)
+    if family is None and width_match is None:
+        return None
+    return SAEShape(
+        d_in=family,
+        d_sae=_WIDTHS.get(width_match.group(1)) if width_match else None,
+        layer=int(layer_match.group(1)) if layer_match else None,
+    )

@@ -1,0 +1,147 @@
+"""Small, offline building blocks for tests, benchmarks and demos.
+
+Everything here is built locally from configs with random weights: a tiny BPE
+tokenizer trained on a fixed corpus, a tiny causal LM (Gemma-2 or Llama shape),
+a random sae-lens SAE, and a JSONL file of preference pairs. Nothing downloads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<user> {{ m['content'] }} <end>"
+    "{% else %}<model> {{ m['content'] }}<end>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<model> {% endif %}"
+)
+
+_CORPUS = [
+    "the capital of france is paris and the capital of italy is rome",
+    "two plus two is four and three plus three is six",
+    "answer the question politely and briefly please",
+    "i do not know the answer sorry",
+    "what is the capital of germany it is berlin",
+    "count from one to ten one two three four five six seven eight nine ten",
+    "user model end question answer yes no good bad helpful harmful",
+]
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<user>", "<model>", "<end>"]
+
+
+def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 384):
+    """Train a deterministic byte-level BPE tokenizer on a fixed corpus and save it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<user>", "<model>", "<end>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "right"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
+
+
+def tiny_config(arch: str = "gemma2", vocab_size: int = 256, num_layers: int = 3, hidden: int = 32):
+    """A config for a tiny causal LM of the given architecture family."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    if arch == "gemma2":
+        return Gemma2Config(
+            **common,
+            sliding_window=64,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            query_pre_attn_scalar=hidden // 2,
+            attn_implementation="eager",
+        )
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny architecture {arch!r}")
+
+
+def make_tiny_model(out_dir: str | Path, arch: str = "gemma2", num_layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a tiny random-weight causal LM plus tokenizer to ``out_dir``; return the path."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = make_tiny_tokenizer(out)
+    config = tiny_config(arch, vocab_size=len(tokenizer), num_layers=num_layers, hidden=hidden)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    return out
+
+
+def make_tiny_sae(out_dir: str | Path, d_in: int = 32, d_sae: int = 128, seed: int = 0, threshold: float = 0.05):
+    """Save a random JumpReLU SAE in sae-lens's own disk format; return the SAE object."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    torch.manual_seed(seed)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in) / d_sae**0.5)
+        sae.b_enc.copy_(torch.randn(d_sae) * 0.01)
+        sae.threshold.copy_(torch.full((d_sae,), threshold))
+    sae.save_model(str(out_dir))
+    return sae
+
+
+PAIRS = [
+    ("what is the capital of france", "the capital of france is paris", "i do not know sorry"),
+    ("what is two plus two", "two plus two is four", "two plus two is six"),
+    ("count from one to five", "one two three four five", "one three five"),
+    ("what is the capital of italy", "it is rome", "it is berlin"),
+    ("what is three plus three", "three plus three is six", "three plus three is four"),
+    ("what is the capital of germany", "the capital of germany is berlin", "the capital of germany is paris"),
+]
+
+
+def make_pairs_file(path: str | Path, n: int = 6) -> Path:
+    """Write ``n`` prompt/chosen/rejected rows (cycling a fixed list) as JSONL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(n):
+            p, c, r = PAIRS[i % len(PAIRS)]
+            f.write(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n")
+    return path

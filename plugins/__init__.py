@@ -1,0 +1,1 @@
+"""Axolotl plugins shipped by fpo-recipes."""

@@ -1,0 +1,2 @@
+"""FPO Axolotl plugin."""
+X = 1
