@@ -222,3 +222,20 @@ def test_constraints_features_and_files(tmp_path):
     assert any("constraints[1].features_file:" in e and "does not exist" in e for e in errors_of(bad))
     negative = write(tmp_path, BASE + "constraints:\n  - {name: x, features: [1], weight: -1}\n", "neg.yaml")
     assert any("constraints[0].weight: Input should be greater than or equal to 0" in e for e in errors_of(negative))
+
+
+def test_multi_layer_sae_sources_and_targeted_ids_are_checked(tmp_path, tiny_model_dir, tiny_sae_dir):
+    import shutil
+
+    for layer in (0, 2):
+        shutil.copytree(tiny_sae_dir, tmp_path / "saes" / f"layer_{layer}")
+    base = BASE.replace("google/gemma-2-2b", str(tiny_model_dir)).replace("k: 64", "k: 8") + "precompute:\n  k_cache: 16\n"
+    folder = base.replace("  release: gemma-scope-2b-pt-res-canonical\n  id: layer_25/width_16k/canonical\n", "  path: saes\n")
+    assert load_and_check(write(tmp_path, folder.replace("layer: 25", "layer: [0, 2]"))).sae.layers == [0, 2]
+    templated = folder.replace("path: saes", "path: saes/layer_{layer}").replace("layer: 25", "layer: [0, 2]")
+    assert load_and_check(write(tmp_path, templated)).sae.layers == [0, 2]
+    one_id = base.replace("layer: 25", "layer: [20, 25]")
+    errors = errors_of(write(tmp_path, one_id))
+    assert any("sae.id: 'layer_25/width_16k/canonical' names one SAE but sae.layer lists 2 layers" in e for e in errors), errors
+    past_width = folder.replace("path: saes", "path: saes/layer_2").replace("layer: 25", "layer: 2") + "constraints:\n  - {name: x, features: [3, 500], weight: 1}\n"
+    assert any("constraints: feature id(s) [500] are past the SAE width 128 (ids are 0..127)" in e for e in errors_of(write(tmp_path, past_width)))

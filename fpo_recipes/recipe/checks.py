@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fpo_recipes.recipe.features_file import read_features_file
 from fpo_recipes.recipe.loader import RecipeIssue, origin_of
+from fpo_recipes.recipe.sae_sources import SAECompatError, sae_sources
 from fpo_recipes.recipe.schema import Recipe
 from fpo_recipes.recipe.shapes import model_shape, sae_shape_from_path, sae_shape_from_release
 
@@ -45,36 +46,57 @@ def _check_files(recipe: Recipe) -> list[RecipeIssue]:
         resolved = recipe.resolve_input(source.path)
         if _looks_local(source.path) and not Path(resolved).exists():
             issues.append(_issue(recipe, ("data", split, "path"), f"{resolved} does not exist"))
-    if recipe.sae is not None and recipe.sae.path is not None and recipe.objective.method == "fpo":
-        resolved = Path(recipe.resolve_input(recipe.sae.path))
-        # A missing SAE directory is fine when a stage will create it (quickstart trains one).
-        if resolved.exists() and sae_shape_from_path(str(resolved)) is None:
-            issues.append(_issue(recipe, ("sae", "path"), f"{resolved} is neither a sae-lens directory (cfg.json) nor a Gemma Scope params.npz"))
     return issues
 
 
 def _check_sae_shapes(recipe: Recipe) -> list[RecipeIssue]:
     sae, issues = recipe.sae, []
     model = model_shape(recipe.resolve_input(recipe.model.name_or_path))
-    if sae.path is not None:
-        shape = sae_shape_from_path(recipe.resolve_input(sae.path))
-    else:
-        shape = sae_shape_from_release(sae.release, sae.id)
     if model is not None:
         for layer in sae.layers:
             if layer >= model.num_layers:
                 issues.append(_issue(recipe, ("sae", "layer"),
                     f"layer {layer} is past the model's depth ({model.num_layers} layers: 0..{model.num_layers - 1})"))
-    if shape is None:
-        return issues
-    if shape.layer is not None and sae.layers != [shape.layer]:
+    try:
+        sources = sae_sources(recipe)
+    except SAECompatError as exc:
+        field, _, message = str(exc).partition(": ")
+        return issues + [_issue(recipe, tuple(field.split(".")), message)]
+    for layer, source in sources.items():
+        if "path" in source:
+            path = Path(source["path"])
+            # A missing SAE is fine when a stage will create it (the quickstart trains one).
+            if not path.exists():
+                continue
+            shape = sae_shape_from_path(str(path))
+            if shape is None:
+                issues.append(_issue(recipe, ("sae", "path"),
+                    f"{path} is neither a sae-lens directory (cfg.json) nor a Gemma Scope params.npz"))
+                continue
+        else:
+            shape = sae_shape_from_release(source["release"], source["id"])
+            if shape is None:
+                continue
+        issues += _check_one_sae(recipe, model, layer, shape)
+    return list(dict.fromkeys(issues))  # one SAE per layer may repeat a width problem
+
+
+def _check_one_sae(recipe: Recipe, model, layer: int, shape) -> list[RecipeIssue]:
+    sae, issues = recipe.sae, []
+    if shape.layer is not None and shape.layer != layer:
         issues.append(_issue(recipe, ("sae", "layer"),
-            f"{sae.layer} does not match the SAE id, which names layer {shape.layer} (hint: use one SAE per layer)"))
+            f"{layer} does not match the SAE id, which names layer {shape.layer} (hint: use one SAE per layer)"))
     width = shape.d_sae or sae.width
     if width is not None and recipe.objective.k > width:
         issues.append(_issue(recipe, ("objective", "k"), f"{recipe.objective.k} exceeds the SAE width {width}"))
     if width is not None and recipe.precompute.k_cache > width:
         issues.append(_issue(recipe, ("precompute", "k_cache"), f"{recipe.precompute.k_cache} exceeds the SAE width {width}"))
+    try:
+        bad = sorted(f for f in recipe.targeted_features() if width is not None and f >= width)
+    except (OSError, ValueError):
+        bad = []  # an unreadable features_file is reported by _check_files
+    if bad:
+        issues.append(_issue(recipe, ("constraints",), f"feature id(s) {bad} are past the SAE width {width} (ids are 0..{width - 1})"))
     if sae.width is not None and shape.d_sae is not None and sae.width != shape.d_sae:
         issues.append(_issue(recipe, ("sae", "width"), f"{sae.width} but the SAE has width {shape.d_sae}"))
     if model is not None and shape.d_in is not None and shape.d_in != model.hidden_size:

@@ -80,6 +80,8 @@ def _npz_array_shape(path: Path, name: str) -> tuple[int, ...] | None:
 
 def sae_shape_from_path(path: str) -> SAEShape | None:
     p = Path(path)
+    if p.is_dir() and (p / "params.npz").is_file():
+        p = p / "params.npz"
     if p.is_dir() and (p / "cfg.json").is_file():
         cfg = json.loads((p / "cfg.json").read_text())
         return SAEShape(cfg.get("d_in"), cfg.get("d_sae"))

@@ -1,0 +1,120 @@
+"""Capturing the residual stream (or MLP output) at given layers during a forward pass.
+
+SAEs are trained on ``blocks.L.hook_resid_post`` — the decoder layer's own output. HF's
+``hidden_states`` tuple is not that for the last layer (its last entry is after the final
+norm), so we hook modules instead of reading ``output_hidden_states``:
+
+- ``resid_post``: a forward hook on decoder layer L (its output);
+- ``mlp_out``: a forward hook on the MLP's output as added to the residual — for Gemma the
+  ``post_feedforward_layernorm`` output, otherwise the ``mlp`` module's output.
+
+Works through peft wrappers (layers are found by shape, not by attribute path) and under
+gradient checkpointing: the layer's checkpointed call is wrapped so the captured tensor is
+the one carrying the autograd graph, and re-computations during backward are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+HOOKS = ("resid_post", "mlp_out")
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (``model.layers``, ``base_model.model.model.layers``,
+    ``model.language_model.layers`` …), found as the shallowest ModuleList named ``layers``."""
+    config = getattr(model, "config", None)
+    expected = None
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        expected = getattr(text, "num_hidden_layers", None)
+    candidates = [
+        (name.count("."), name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")
+        and (expected is None or len(module) == expected)
+    ]
+    if not candidates:
+        raise ValueError(f"could not find the decoder layers of {type(model).__name__} (no ModuleList named 'layers')")
+    return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def hook_module(model: nn.Module, layer: int, hook: str) -> nn.Module:
+    """The module whose output is the hook point ``hook`` at decoder layer ``layer``."""
+    if hook not in HOOKS:
+        raise ValueError(f"sae.hook: unknown hook {hook!r} (expected one of {', '.join(HOOKS)})")
+    layers = find_decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"sae.layer: {layer} is past the model's depth ({len(layers)} layers: 0..{len(layers) - 1})")
+    block = layers[layer]
+    if hook == "resid_post":
+        return block
+    # Gemma 2/3 normalise the MLP output before adding it to the residual stream.
+    for name in ("post_feedforward_layernorm", "mlp", "feed_forward", "block_sparse_moe"):
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise ValueError(f"sae.hook: mlp_out is not supported for {type(block).__name__} (no MLP module found)")
+
+
+def _first_tensor(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hidden = getattr(output, "hidden_states", None) or getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise TypeError(f"cannot find the hidden states in a {type(output).__name__} module output")
+
+
+def _in_backward() -> bool:
+    # Non-reentrant checkpointing re-runs the forward inside backward; that output is a copy.
+    return torch._C._current_graph_task_id() != -1
+
+
+@contextmanager
+def capture_hidden(model: nn.Module, layers: list[int], hook: str = "resid_post") -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, every forward of ``model`` fills ``captured[layer]`` with the hook
+    point's activations ``[B, T, H]`` (the latest forward wins). Hooks are removed on exit."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    wrapped: list[tuple[nn.Module, object]] = []
+    try:
+        for layer in layers:
+            module = hook_module(model, layer, hook)
+
+            def _hook(_mod, _inputs, output, _layer=layer):
+                if not _in_backward():
+                    captured[_layer] = _first_tensor(output)
+
+            handles.append(module.register_forward_hook(_hook))
+            block = find_decoder_layers(model)[layer]
+            ckpt = block.__dict__.get("_gradient_checkpointing_func")
+            if ckpt is not None:
+                # With checkpointing the layer runs inside checkpoint(); with use_reentrant=True
+                # the tensor the module hook sees has no graph, the checkpoint's return value does.
+                def _outer(*args, _orig=ckpt, _layer=layer, **kwargs):
+                    out = _orig(*args, **kwargs)
+                    if _in_backward():
+                        return out
+                    if hook == "resid_post":
+                        captured[_layer] = _first_tensor(out)
+                    elif _first_tensor(out).requires_grad and not captured[_layer].requires_grad:
+                        raise RuntimeError(
+                            "sae.hook: mlp_out is inside a layer checkpointed with use_reentrant=True, where it "
+                            "carries no gradient (hint: gradient_checkpointing_kwargs={'use_reentrant': False})"
+                        )
+                    return out
+
+                block._gradient_checkpointing_func = _outer
+                wrapped.append((block, ckpt))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+        for block, ckpt in wrapped:
+            block._gradient_checkpointing_func = ckpt

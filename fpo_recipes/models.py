@@ -1,0 +1,123 @@
+"""Loading the reference model and tokenizer a recipe names.
+
+Shapes (depth, hidden size) are read from the config alone so that layer and SAE checks
+fail before any weights are loaded; the reference model is loaded frozen, in eval mode,
+in the recipe's dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BUILTIN_MODELS = ("builtin:gemma3-270m",)
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_model_path(name_or_path: str, base_dir: str | Path | None = None) -> str:
+    """A loadable model location: a local directory (absolute) or a hub name.
+
+    ``builtin:gemma3-270m`` is converted once from its GGUF by the quickstart (lazily, so
+    nothing is built unless a recipe asks for it); relative local paths are resolved against
+    ``base_dir`` (the recipe's folder); anything else is left as a hub name."""
+    if name_or_path.startswith("builtin:"):
+        if name_or_path == "builtin:gemma3-270m":
+            from fpo_recipes.quickstart.gemma3 import ensure_model
+
+            return str(ensure_model())
+        raise ValueError(f"unknown built-in model {name_or_path!r} (known: {', '.join(BUILTIN_MODELS)})")
+    path = Path(name_or_path).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if base_dir is not None:
+        candidate = (Path(base_dir) / path).resolve()
+        if candidate.exists() or name_or_path.startswith("."):
+            return str(candidate)
+    if path.exists():
+        return str(path.resolve())
+    return name_or_path
+
+
+def _model_location(recipe, which: str = "reference") -> tuple[str, str | None]:
+    """(resolved path or hub name, revision) of the policy (``model``) or the reference."""
+    ref = recipe.reference_model if which == "reference" else recipe.model
+    return resolve_model_path(recipe.resolve_input(ref.name_or_path), recipe.base_dir), ref.revision
+
+
+def load_model_config(recipe, which: str = "reference"):
+    """The transformers config of the reference (or policy) model; no weights are read."""
+    from transformers import AutoConfig
+
+    path, revision = _model_location(recipe, which)
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
+
+
+def _text_config(config):
+    """Multimodal configs (Gemma 3 4B+) keep the language model's shape in a text config."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def model_num_layers(config) -> int:
+    """Number of decoder layers (valid hook layers are 0..n-1)."""
+    return int(_text_config(config).num_hidden_layers)
+
+
+def model_hidden_size(config) -> int:
+    """Width of the residual stream, which an SAE's d_in must equal."""
+    return int(_text_config(config).hidden_size)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (expected one of {', '.join(_DTYPES)})")
+    return getattr(torch, _DTYPES[name])
+
+
+def load_tokenizer(recipe):
+    """The policy model's tokenizer, right-padded, with a pad token, and the recipe's chat
+    template installed when the recipe gives its own Jinja template.
+
+    The policy's tokenizer is used for the reference too: the cache is only valid for the
+    token ids training will see."""
+    from transformers import AutoTokenizer
+
+    path, revision = _model_location(recipe, "model")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    template = recipe.data.chat_template
+    if template not in (None, "tokenizer"):
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _attn_kwargs(config) -> dict[str, Any]:
+    # Gemma 2 soft-caps attention logits, which only the eager kernel implements exactly.
+    model_type = getattr(_text_config(config), "model_type", "") or ""
+    return {"attn_implementation": "eager"} if model_type.startswith("gemma2") else {}
+
+
+def load_reference_model(recipe, device=None):
+    """The frozen reference model (``reference`` section, else the policy's start) in
+    ``reference.dtype``, eval mode, no gradients, on ``device`` (default: CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    path, revision = _model_location(recipe, "reference")
+    config = load_model_config(recipe, "reference")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=revision,
+        dtype=torch_dtype(recipe.reference_model.dtype),
+        trust_remote_code=recipe.model.trust_remote_code,
+        **_attn_kwargs(config),
+    )
+    if device is not None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
