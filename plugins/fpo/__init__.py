@@ -1,2 +1,169 @@
-"""FPO Axolotl plugin."""
-X = 1
+"""Axolotl plugin: FPO and its baselines (DPO, SimPO, TDPO-1/2, SimPO+KL).
+
+Name it in an Axolotl YAML::
+
+    plugins:
+      - fpo_recipes.plugins.fpo.FPOPlugin
+    fpo_recipe: path/to/recipe.yaml
+
+How it hooks in (Axolotl 0.19), all on Axolotl's ordinary causal-LM path (no ``rl:`` —
+that path would load a reference model we do not want for fpo/dpo/simpo and would build
+the trainer without the model):
+
+- ``get_input_args``: declares the ``fpo_*`` keys (plugins/fpo/args.py); Axolotl drops
+  undeclared keys.
+- ``load_datasets``: returns the prepared data set — pairs tokenized by
+  ``fpo_recipes.data`` and joined with the reference cache by pair id (plugins/fpo/dataset.py).
+- ``get_trainer_cls``: FPOTrainer, Axolotl's trainer with the objective as compute_loss.
+- ``get_collator_cls_and_kwargs``: FPOCollator (pairs + cache columns as tensors).
+- ``post_trainer_create``: loads the frozen SAE (fpo) or frozen online reference
+  (tdpo1/tdpo2/simpo_kl) onto the trainer's device and attaches the objective.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from axolotl.integrations.base import BasePlugin
+
+from .args import FPOArgs as FPOArgs
+
+__all__ = ["FPOArgs", "FPOPlugin"]
+
+
+class FPOPlugin(BasePlugin):
+    """Trains the recipe's preference objective inside Axolotl (see module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self._recipe = None
+
+    # --- config ---------------------------------------------------------------------
+    def get_input_args(self) -> str:
+        return "fpo_recipes.plugins.fpo.args.FPOArgs"
+
+    def register(self, cfg: dict):
+        """Refuse settings that would route around the plugin, before Axolotl loads anything."""
+        if cfg.get("rl"):
+            raise ValueError(
+                f"rl: {cfg.get('rl')}: the FPO plugin trains every method (fpo_method) through its own trainer; "
+                "remove `rl:` (it would make Axolotl load a reference model and its own preference trainer)"
+            )
+        if cfg.get("sample_packing"):
+            raise ValueError("sample_packing: the FPO plugin batches chosen/rejected pairs; set sample_packing: false")
+        if cfg.get("adapter"):
+            import torch
+
+            if not torch.cuda.is_available():
+                # Axolotl 0.19 auto-enables its Triton LoRA kernels even without a GPU, which
+                # then fail on CPU; an explicit value in the YAML still wins.
+                for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel"):
+                    if cfg.get(key) is None:
+                        cfg[key] = False
+
+    def recipe(self, cfg):
+        """The recipe this run trains (``fpo_recipe`` + edited ``fpo_*`` keys), built once."""
+        if self._recipe is None:
+            from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+
+            path = cfg.get("fpo_recipe")
+            if path and not Path(path).is_absolute() and cfg.get("axolotl_config_path"):
+                beside = Path(cfg["axolotl_config_path"]).parent / path
+                if beside.exists():
+                    cfg["fpo_recipe"] = str(beside.resolve())
+            self._recipe = recipe_for_axolotl_cfg(cfg)
+        return self._recipe
+
+    # --- data -----------------------------------------------------------------------
+    def load_datasets(self, cfg, preprocess: bool = False):
+        """Tokenized pairs joined with the reference cache (fingerprint-checked)."""
+        from axolotl.common.datasets import TrainDatasetMeta
+
+        from .dataset import build_dataset
+
+        recipe = self.recipe(cfg)
+        train = build_dataset(recipe, "train")
+        world = max(int(cfg.get("world_size") or 1), 1)
+        per_step = int(cfg.micro_batch_size) * world
+        batches = len(train) // per_step  # the dataloader drops the last partial batch
+        if batches == 0:
+            raise ValueError(
+                f"micro_batch_size: {len(train)} training pair(s) fill no batch of {cfg.micro_batch_size} x {world} process(es)"
+            )
+        steps = max(1, math.floor(batches * float(cfg.num_epochs or 1) / int(cfg.gradient_accumulation_steps or 1)))
+        return TrainDatasetMeta(train_dataset=train, eval_dataset=None, total_num_steps=steps)
+
+    def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
+        from .collator import FPOCollator
+
+        # Axolotl's default pads to a multiple of 64; keep only what the user asked for.
+        return FPOCollator, {"pad_to_multiple_of": cfg.get("pad_to_multiple_of")}
+
+    # --- trainer --------------------------------------------------------------------
+    def get_trainer_cls(self, cfg):
+        from .trainer import FPOTrainer
+
+        return FPOTrainer
+
+    def post_trainer_create(self, cfg, trainer):
+        """Attach the objective: frozen SAE (fpo) / frozen online reference (TDPO, SimPO+KL)."""
+        from .trainer import FPOTrainer, PreferenceObjective, lm_head_is_plain
+
+        if not isinstance(trainer, FPOTrainer):
+            return
+        recipe = self.recipe(cfg)
+        config = recipe.objective_config()
+        spec = config.spec
+        device = trainer.accelerator.device
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+
+        saes, targeted = None, None
+        if spec.needs_sae:
+            from fpo_recipes.sae import check_feature_ids, check_sae_compat, load_saes
+
+            saes = load_saes(recipe, device=device)
+            check_sae_compat(saes, policy.config, recipe.sae.layers, hook=recipe.sae.hook)
+            targeted = recipe.targeted_features()
+            check_feature_ids(saes, list(targeted))
+
+        ref_model = None
+        if spec.needs_online_reference:
+            from fpo_recipes.models import load_reference_model
+
+            ref_model = _prepare_reference(load_reference_model(recipe), trainer)
+
+        full_logits = cfg.get("fpo_full_logits")
+        if full_logits is None:
+            zero3 = trainer.is_deepspeed_enabled and _zero_stage(trainer) == 3
+            full_logits = bool(trainer.is_fsdp_enabled or zero3 or not lm_head_is_plain(policy))
+        trainer.fpo_objective = PreferenceObjective(
+            config,
+            saes=saes,
+            hook=recipe.sae.hook if recipe.sae else "resid_post",
+            targeted=targeted,
+            ref_model=ref_model,
+            chunk_size=cfg.get("fpo_logprob_chunk_size") or 512,
+            full_logits=full_logits,
+        )
+
+
+def _zero_stage(trainer) -> int | None:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    try:
+        return int(plugin.deepspeed_config["zero_optimization"]["stage"])
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _prepare_reference(ref_model, trainer):
+    """Place the frozen reference like TRL does: DeepSpeed/FSDP-aware, never DDP-wrapped."""
+    if trainer.is_deepspeed_enabled:
+        from trl.models import prepare_deepspeed
+
+        return prepare_deepspeed(ref_model, trainer.accelerator)
+    if trainer.is_fsdp_enabled:
+        from trl.models import prepare_fsdp
+
+        return prepare_fsdp(ref_model, trainer.accelerator)
+    return trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)

@@ -1,0 +1,114 @@
+"""The train stage: recipe → Axolotl YAML → Axolotl training with the FPO plugin.
+
+A thin dispatcher. The recipe is the source of truth: the Axolotl configuration is
+generated from it and written to ``<train.output_dir>/axolotl.yaml`` (reusable with plain
+``axolotl train``); the reference cache is checked against the recipe's fingerprint before
+Axolotl loads anything; then Axolotl trains, in this process or as a subprocess
+(``axolotl train … --launcher python|accelerate|torchrun`` for multi-GPU). Checkpoints and
+the final model land in ``train.output_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+Launcher = Literal["inprocess", "python", "accelerate", "torchrun"]
+LAUNCHERS: tuple[str, ...] = ("inprocess", "python", "accelerate", "torchrun")
+
+# Without HF_HUB_OFFLINE TRL/HF were seen to stall for minutes on machines with no network;
+# these are defaults only — a value already in the environment wins.
+_CHILD_ENV_DEFAULTS = {"AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def axolotl_yaml_path(recipe) -> Path:
+    return Path(recipe.output_dir) / "axolotl.yaml"
+
+
+def export_axolotl_config(recipe, path: str | Path | None = None) -> Path:
+    """Write the Axolotl YAML that trains ``recipe`` (default: train.output_dir/axolotl.yaml)."""
+    from fpo_recipes.axolotl_config import build_axolotl_config, dump_axolotl_yaml
+
+    path = Path(path) if path is not None else axolotl_yaml_path(recipe)
+    cfg = build_axolotl_config(recipe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cfg.get("fpo_recipe"):
+        # a recipe built in code has no file: the plugin reads a snapshot written beside the YAML
+        snapshot = path.with_name(path.stem + ".recipe.yaml")
+        _atomic_write(snapshot, yaml.safe_dump(_resolved_recipe_dict(recipe), sort_keys=False))
+        cfg["fpo_recipe"] = str(snapshot.resolve())
+    _atomic_write(path, dump_axolotl_yaml(cfg, recipe))
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # never a half-written file
+
+
+def _resolved_recipe_dict(recipe) -> dict:
+    """The recipe with every relative input path made absolute (it is read from elsewhere)."""
+    d = recipe.to_yaml_dict()
+    for section in ("model", "reference"):
+        if d.get(section):
+            d[section]["name_or_path"] = recipe.resolve_input(d[section]["name_or_path"])
+    if d.get("sae") and d["sae"].get("path"):
+        d["sae"]["path"] = recipe.resolve_input(d["sae"]["path"])
+    for split in ("train", "eval"):
+        if d["data"].get(split):
+            d["data"][split]["path"] = recipe.resolve_input(d["data"][split]["path"])
+    for c in d.get("constraints") or []:
+        if c.get("features_file"):
+            c["features_file"] = recipe.resolve_input(c["features_file"])
+    d["train"]["output_dir"] = str(Path(recipe.output_dir).resolve())
+    d["precompute"]["cache_dir"] = str(Path(recipe.cache_dir).resolve())
+    return d
+
+
+def check_cache(recipe) -> None:
+    """Refuse a missing cache or one built for another recipe (before any model loads)."""
+    from fpo_recipes.plugins.fpo.dataset import cache_columns
+
+    if not cache_columns(recipe.objective.method):
+        return  # simpo / online-reference methods read nothing from the cache
+    from fpo_recipes.cache import open_cache
+
+    open_cache(recipe, split="train")  # raises CacheMismatchError naming the differing input
+
+
+def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str] | None = None) -> Path:
+    """Train ``recipe`` through Axolotl; return train.output_dir (final model inside)."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher: {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    check_cache(recipe)
+    yaml_path = export_axolotl_config(recipe)
+    output_dir = Path(recipe.output_dir)
+    if launcher == "inprocess":
+        _train_in_process(yaml_path)
+    else:
+        cmd = [sys.executable, "-m", "axolotl.cli.main", "train", str(yaml_path), "--launcher", launcher]
+        if launcher_args:
+            cmd += ["--", *launcher_args]
+        env = {**_CHILD_ENV_DEFAULTS, **os.environ}
+        result = subprocess.run(cmd, env=env, check=False)  # noqa: S603 - our own interpreter and args
+        if result.returncode != 0:
+            raise RuntimeError(f"axolotl train {yaml_path} failed with exit status {result.returncode}")
+    return output_dir
+
+
+def _train_in_process(yaml_path: Path) -> None:
+    """Axolotl's own Python entry point: load_cfg (registers the plugin, validates) + do_train."""
+    from axolotl.cli.args import TrainerCliArgs
+    from axolotl.cli.config import load_cfg
+    from axolotl.cli.train import do_train
+
+    for key, value in _CHILD_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    cfg = load_cfg(str(yaml_path))
+    do_train(cfg, TrainerCliArgs())

@@ -1,0 +1,194 @@
+"""Real Axolotl training runs of tiny random models through the FPO plugin (CPU, offline).
+
+One run goes through Axolotl's own CLI (`axolotl train cfg.yaml --launcher python`); the
+rest through its Python entry point (load_cfg + do_train, via `fpo_recipes.stages.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_recipe_dict
+from fpo_recipes.recipe import load_and_check
+
+LOGGED = ("loss", "lpd", "margin", "constraint", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+FPO_LOGGED = LOGGED + ("constraint/chosen", "constraint/rejected", "missing_ref_features")
+OBJECTIVES = {
+    "fpo": {"method": "fpo", "beta": 0.1, "alpha": 0.5, "gamma": None},
+    "dpo": {"method": "dpo", "beta": 0.1, "alpha": None, "gamma": None},
+    "simpo": {"method": "simpo", "beta": 2.0, "alpha": None, "gamma": 0.5},
+    "tdpo1": {"method": "tdpo1", "beta": 0.1, "alpha": None, "gamma": None},
+    "tdpo2": {"method": "tdpo2", "beta": 0.1, "alpha": 0.5, "gamma": None},
+    "simpo_kl": {"method": "simpo_kl", "beta": 2.0, "alpha": 0.5, "gamma": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def make_recipe(tmp_path_factory, tiny_model_dir, tiny_sae_dir, pairs_file):
+    """Write a tiny recipe for ``method`` (with section overrides) and load it."""
+    root = tmp_path_factory.mktemp("train")
+
+    def _make(name: str, method: str = "fpo", **sections):
+        work = root / name
+        work.mkdir(parents=True, exist_ok=True)
+        sections.setdefault("objective", OBJECTIVES[method])
+        if method != "fpo":
+            sections.setdefault("sae", None)
+        sections["train"] = {"max_steps": 2, "save_steps": 2, **sections.get("train", {})}
+        data = tiny_recipe_dict(tiny_model_dir, tiny_sae_dir, pairs_file, work, **sections)
+        data["name"] = name
+        path = work / "recipe.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return load_and_check(path)
+
+    return _make
+
+
+@pytest.fixture(scope="module")
+def fpo_cache(make_recipe):
+    """The reference cache of the tiny fpo recipe (train settings do not enter its fingerprint)."""
+    from fpo_recipes.stages.precompute import run_precompute
+
+    recipe = make_recipe("fpo-cache")
+    run_precompute(recipe, show_progress=False)
+    return str(recipe.cache_dir)
+
+
+@contextmanager
+def count_language_models():
+    """Count top-level *ForCausalLM constructions (policy, reference) while active."""
+    from transformers import PreTrainedModel
+
+    built: list[str] = []
+    original = PreTrainedModel.__init__
+
+    def counting_init(self, *args, **kwargs):
+        if type(self).__name__.endswith("ForCausalLM"):
+            built.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    PreTrainedModel.__init__ = counting_init
+    try:
+        yield built
+    finally:
+        PreTrainedModel.__init__ = original
+
+
+def _log_history(output_dir: Path, step: int) -> list[dict]:
+    state = output_dir / f"checkpoint-{step}" / "trainer_state.json"
+    assert state.is_file(), f"no checkpoint at step {step} in {output_dir}"
+    return [h for h in json.loads(state.read_text())["log_history"] if "loss" in h]
+
+
+def test_axolotl_cli_trains_fpo_with_the_plugin(make_recipe, fpo_cache):
+    """`axolotl train cfg.yaml --launcher python`, with gradient checkpointing on."""
+    from fpo_recipes.stages.train import export_axolotl_config
+
+    recipe = make_recipe("fpo-cli", precompute={"cache_dir": fpo_cache}, train={"gradient_checkpointing": True})
+    cfg_path = export_axolotl_config(recipe)
+    assert cfg_path == Path(recipe.output_dir) / "axolotl.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "AXOLOTL_DO_NOT_TRACK": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", "train", str(cfg_path), "--launcher", "python"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = Path(recipe.output_dir)
+    history = _log_history(out, 2)
+    assert [h["step"] for h in history] == [1, 2]
+    for entry in history:
+        assert set(FPO_LOGGED) <= entry.keys(), entry
+    first = history[0]
+    # step 1: policy == reference, so the cached log-probs and features match exactly
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["constraint/chosen"] == pytest.approx(0, abs=1e-4) and first["missing_ref_features"] == 0
+    assert (out / "model.safetensors").is_file() and (out / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def test_fpo_loads_one_model_and_optimises(make_recipe, fpo_cache):
+    """A handful of pairs, repeated: reward accuracy reaches 1 and the loss falls."""
+    from fpo_recipes.stages.train import run_train
+
+    recipe = make_recipe(
+        "fpo-opt",
+        objective={**OBJECTIVES["fpo"], "beta": 2.0, "alpha": 0.05},
+        precompute={"cache_dir": fpo_cache},
+        train={"batch_size": 6, "micro_batch_size": 6, "max_steps": 15, "save_steps": 15, "learning_rate": 2e-2},
+    )
+    with count_language_models() as built:
+        out = run_train(recipe)
+    assert len(built) == 1, built  # no reference model: the cache stands in for it
+    history = _log_history(out, 15)  # every step sees all 6 pairs
+    assert [h["rewards/accuracies"] for h in history[-3:]] == [1.0, 1.0, 1.0]
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and history[-1]["loss"] < 0.3
+    assert all(set(FPO_LOGGED) <= h.keys() for h in history)
+
+
+@pytest.mark.parametrize(
+    "method,models,overrides",
+    [
+        ("dpo", 1, {}),
+        ("simpo", 1, {"train": {"optimizer": "adamw_bnb_8bit"}}),
+        ("tdpo1", 2, {"model": {"adapter": "lora", "lora": {"r": 4, "alpha": 8}}}),
+        ("tdpo2", 2, {}),
+        ("simpo_kl", 2, {"model": {"adapter": "lora", "load_in_8bit": True}}),
+    ],
+)
+def test_baselines_train_through_the_plugin(make_recipe, method, models, overrides):
+    """Each baseline for 2 steps; also LoRA, 8-bit loading and a bitsandbytes 8-bit optimizer."""
+    from fpo_recipes.stages.precompute import run_precompute
+    from fpo_recipes.stages.train import run_train
+
+    recipe = make_recipe(f"{method}-run", method, **overrides)
+    if method == "dpo":
+        run_precompute(recipe, show_progress=False)
+    with count_language_models() as built:
+        out = run_train(recipe)
+    assert len(built) == models, built
+    history = _log_history(out, 2)
+    assert len(history) == 2 and all(set(LOGGED) <= h.keys() for h in history)
+    if method in ("dpo", "tdpo1", "tdpo2"):  # reference == policy at step 1
+        assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    if method in ("tdpo1", "tdpo2", "simpo_kl"):
+        assert {"constraint/chosen", "constraint/rejected"} <= history[-1].keys()
+    final = "adapter_model.safetensors" if "model" in overrides else "model.safetensors"
+    assert (out / final).is_file()
+
+
+def test_cache_of_another_recipe_is_refused(make_recipe, fpo_cache):
+    from axolotl.utils.dict import DictDefault
+
+    from fpo_recipes.axolotl_config import build_axolotl_config
+    from fpo_recipes.cache import CacheMismatchError
+    from fpo_recipes.plugins.fpo import FPOPlugin
+    from fpo_recipes.stages.train import run_train
+
+    other = make_recipe("fpo-other", precompute={"cache_dir": fpo_cache}, data={"max_length": 48})
+    with pytest.raises(CacheMismatchError) as err:
+        run_train(other)
+    assert "data.max_length" in str(err.value)
+    assert not (Path(other.output_dir) / "checkpoint-2").exists()
+
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+
+    result = CliRunner().invoke(app, ["train", str(other.source_path)])
+    assert result.exit_code == 1 and "data.max_length" in result.output
+
+    # the plugin checks too (plain `axolotl train` with an edited YAML): here the SAE layer
+    same = make_recipe("fpo-edited", precompute={"cache_dir": fpo_cache})
+    cfg = DictDefault(build_axolotl_config(same))
+    cfg["fpo_sae_layers"] = [0]
+    with pytest.raises(CacheMismatchError) as err:
+        FPOPlugin().load_datasets(cfg)
+    assert "sae.layer" in str(err.value)
