@@ -1,0 +1,82 @@
+"""`fpo evaluate RECIPE` and `fpo compare RUN_DIR...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)
+    app.command("compare")(compare)
+
+
+def evaluate(
+    recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
+    model_dir: Path | None = typer.Option(None, "--model-dir", help="Trained model to evaluate (default: the train stage's output)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
+) -> None:
+    """Paper metrics of the trained model against its reference: metrics.json, report.md and plots."""
+    from fpo_recipes.recipe import RecipeError, load_and_check
+
+    try:
+        recipe = load_and_check(recipe_file)
+    except RecipeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    from fpo_recipes.stages.evaluate import EvaluateError, run_evaluate
+
+    try:
+        path = run_evaluate(recipe, model_dir=model_dir, device=device)
+    except (EvaluateError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _print_run(path)
+
+
+def _print_run(metrics_path: Path) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fpo_recipes.report import fmt, label, present_keys
+
+    data = json.loads(metrics_path.read_text())
+    trained, reference = data["metrics"]["trained"], data["metrics"]["reference"]
+    table = Table(title=f"{data['run']} ({data['method']}): {data['eval']['n_pairs']} held-out pairs")
+    table.add_column("metric")
+    table.add_column("reference", justify="right")
+    table.add_column("trained", justify="right")
+    for key in present_keys([trained, reference]):
+        table.add_row(label(key), fmt(reference.get(key)), fmt(trained.get(key)))
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {metrics_path.parent}/ (metrics.json, report.md, plots)")
+
+
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (their eval/metrics.json) or metrics.json files."),
+    out: Path = typer.Option(Path("compare.md"), "-o", "--out", help="Markdown table to write; the figure goes beside it (.png)."),
+) -> None:
+    """Put several runs (FPO vs baselines) side by side: one table and one figure."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fpo_recipes.report import compare_runs, fmt, label
+
+    try:
+        result = compare_runs(run_dirs, out)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    table = Table(title="Run comparison")
+    table.add_column("run")
+    for key in result["keys"]:
+        table.add_column(label(key), justify="right")
+    for name, metrics in result["rows"]:
+        table.add_row(name, *[fmt(metrics.get(k)) for k in result["keys"]])
+    console = Console(width=max(120, 14 * (len(result["keys"]) + 2)))
+    console.print(table)
+    console.print(f"wrote {result['markdown_path']}" + (f" and {result['figure_path']}" if result["figure_path"] else ""))

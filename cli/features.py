@@ -1,0 +1,58 @@
+"""`fpo features discover`: find SAE features that are specific to a set of target texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+features_app = typer.Typer(name="features", help="SAE feature tools for targeted constraints.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(features_app, name="features")
+
+
+@features_app.command("discover")
+def discover(
+    recipe_file: Path = typer.Argument(..., help="Recipe YAML (its reference model and SAE are used)."),
+    targets: str = typer.Option(..., "--targets", help="Target texts: .txt (one per line), .jsonl with a text column, or a data set."),
+    contrast: str | None = typer.Option(None, "--contrast", help="Contrast texts (same formats); default: the recipe's training responses."),
+    top: int = typer.Option(50, "--top", min=1, help="Candidates ranked by max single-token activation on the targets."),
+    ratio: float = typer.Option(2.0, "--ratio", min=0.0, help="Keep if mean_target > ratio x mean_contrast ..."),
+    min_z: float = typer.Option(2.0, "--min-z", help="... and the Welch z of per-text means is at least this."),
+    layer: int | None = typer.Option(None, "--layer", help="SAE layer (default: the recipe's first)."),
+    text_column: str = typer.Option("text", "--text-column", help="Column holding the text in .jsonl / data sets."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many texts per set."),
+    max_length: int = typer.Option(256, "--max-length", min=2, help="Tokens per text."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Feature list JSON to write (constraints[].features_file reads it)."),
+) -> None:
+    """Rank SAE features on target texts and keep those that stand out against a contrast set."""
+    from fpo_recipes.discovery import DiscoveryParams, discover_features, read_texts, write_features_file
+    from fpo_recipes.recipe import RecipeError, load_and_check
+
+    try:
+        recipe = load_and_check(recipe_file)
+    except RecipeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    params = DiscoveryParams(top=top, ratio=ratio, min_z=min_z, max_length=max_length, batch_size=batch_size,
+                             text_column=text_column, limit=limit)
+    try:
+        target_texts = read_texts(targets, text_column, limit)
+        contrast_texts = read_texts(contrast, text_column, limit) if contrast else None
+        result = discover_features(recipe, target_texts, contrast_texts, params, layer=layer, device=device)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    path = write_features_file(result, out)
+    kept = result["features"]
+    n_cand = len(result["details"])
+    typer.echo(f"{len(kept)} of {n_cand} candidate features kept (layer {result['params']['layer']}): {kept}")
+    for d in result["details"][:10]:
+        mark = "kept" if d["kept"] else "    "
+        typer.echo(f"  {mark} #{d['id']:<6} max {d['max_act']:.3g}  mean target {d['mean_target']:.3g}  "
+                   f"mean contrast {d['mean_contrast']:.3g}  z {d['z']:.3g}")
+    typer.echo(f"wrote {path} (use it as constraints[].features_file)")

@@ -1,0 +1,53 @@
+"""`fpo run RECIPE`: precompute -> train -> evaluate, reusing finished stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+
+
+def run(
+    recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
+    from_stage: str | None = typer.Option(None, "--from", help="Rerun from this stage on: precompute, train or evaluate."),
+    only: str | None = typer.Option(None, "--only", help="Run just this stage (forced): precompute, train or evaluate."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+) -> None:
+    """Run a recipe end to end; stages whose outputs match the recipe are reused."""
+    from fpo_recipes.recipe import RecipeError, load_and_check
+    from fpo_recipes.stages import run as pipeline
+
+    try:
+        recipe = load_and_check(recipe_file)
+    except RecipeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    if dry_run:
+        try:
+            plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only)
+        except pipeline.PipelineError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(pipeline.format_plan(recipe, plans, prestep=pipeline.quickstart_sae_needed(recipe)))
+        return
+    try:
+        results = pipeline.run_pipeline(recipe, from_stage=from_stage, only=only, echo=typer.echo)
+    except pipeline.PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except pipeline.PipelineInterrupted as exc:
+        typer.echo("", err=True)
+        typer.echo(f"interrupted during {exc.stage}.", err=True)
+        typer.echo(f"finished stages (kept, reused next time): {', '.join(exc.finished) or 'none'}", err=True)
+        typer.echo(f"resume with: {exc.resume}", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a stage's own error, already reported with the finished stages
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    metrics = results.get("evaluate")
+    if metrics:
+        typer.echo(f"metrics: {metrics[0]}")

@@ -1,0 +1,374 @@
+"""`fpo run`: precompute -> train -> evaluate, reusing every stage that is already done.
+
+Each stage, after it succeeds, writes ``<output_dir>/<stage>.done.json`` (atomically) with
+the fingerprint of the resolved recipe sections it depends on, the outputs it produced and
+a run id. A stage is reused when its marker exists, the fingerprint matches, its outputs
+still exist, and the upstream stages it consumed are the same runs (their run ids). So a
+changed beta retrains and re-evaluates but keeps the reference cache; a Ctrl-C leaves every
+finished stage reusable (a marker is removed before its stage reruns and written only
+after it succeeds).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fpo_recipes.recipe.schema import Recipe
+
+STAGES: tuple[str, ...] = ("precompute", "train", "evaluate")
+CACHE_METHODS = {"fpo", "dpo"}  # methods that read the offline reference cache
+UPSTREAM = {"precompute": (), "train": ("precompute",), "evaluate": ("train",)}
+MARKER_VERSION = 1
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+class PipelineInterrupted(Exception):
+    """Ctrl-C during a stage: ``finished`` stages are usable, ``stage`` was cut short."""
+
+    def __init__(self, stage: str, finished: list[str], resume: str):
+        self.stage, self.finished, self.resume = stage, finished, resume
+        done = ", ".join(finished) if finished else "none"
+        super().__init__(f"interrupted during {stage}; finished stages: {done}; resume with: {resume}")
+
+
+# --- fingerprints --------------------------------------------------------------------------
+def _resolved(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as JSON with input paths resolved and constraint files read."""
+    d = recipe.to_yaml_dict()
+    d["model"]["name_or_path"] = recipe.resolve_input(recipe.model.name_or_path)
+    d["reference"] = recipe.reference_model.model_dump(mode="json")
+    d["reference"]["name_or_path"] = recipe.resolve_input(d["reference"]["name_or_path"])
+    if recipe.sae is not None and recipe.sae.path:
+        d["sae"]["path"] = recipe.resolve_input(recipe.sae.path)
+    for split in ("train", "eval"):
+        if d["data"].get(split):
+            d["data"][split]["path"] = recipe.resolve_input(d["data"][split]["path"])
+    d["constraints"] = {str(k): v for k, v in recipe.targeted_features().items()}
+    d["precompute"]["cache_dir"] = str(recipe.cache_dir)
+    d["train"]["output_dir"] = str(recipe.output_dir)
+    for key in ("name", "description", "schema_version"):
+        d.pop(key, None)
+    return d
+
+
+def _data_content(recipe: Recipe) -> dict[str, str | None]:
+    """Content digests of local data files (an edited file reruns the stages that read it)."""
+    try:
+        from fpo_recipes.cache.fingerprint import tree_digest
+    except ImportError:
+        return {}
+    out = {}
+    for split in ("train", "eval"):
+        source = getattr(recipe.data, split)
+        if source is not None:
+            path = recipe.resolve_input(source.path)
+            out[split] = tree_digest(path) if Path(path).exists() else None
+    return out
+
+
+def stage_sections(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """The resolved recipe sections ``stage`` depends on (its fingerprint's input)."""
+    d = _resolved(recipe)
+    if stage == "precompute":
+        out = {
+            "model": {"name_or_path": d["model"]["name_or_path"], "revision": d["model"]["revision"]},  # tokenizer
+            "reference": d["reference"],
+            "sae": d["sae"],
+            "data": d["data"],
+            "precompute": d["precompute"],
+            "pooling": d["objective"]["pooling"],
+            "constraints": d["constraints"],
+        }
+        try:  # the cache's own fingerprint also covers data contents
+            from fpo_recipes.cache import cache_fingerprint
+
+            out["cache_fingerprint"] = cache_fingerprint(recipe)
+        except ImportError:
+            pass
+        except Exception as exc:  # unreadable inputs: the stage itself will report them
+            out["cache_fingerprint"] = f"unavailable: {type(exc).__name__}"
+        return out
+    if stage == "train":
+        keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "precompute")
+        return {**{k: d[k] for k in keys}, "data_content": _data_content(recipe)}
+    if stage == "evaluate":
+        keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "evaluate")
+        return {**{k: d[k] for k in keys}, "data_content": _data_content(recipe)}
+    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+
+
+def fingerprint(sections: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``sections``."""
+    blob = json.dumps(sections, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_fingerprint(recipe: Recipe, stage: str) -> str:
+    return fingerprint(stage_sections(recipe, stage))
+
+
+# --- done markers --------------------------------------------------------------------------
+def marker_path(recipe: Recipe, stage: str) -> Path:
+    return recipe.output_dir / f"{stage}.done.json"
+
+
+def read_marker(recipe: Recipe, stage: str) -> dict | None:
+    path = marker_path(recipe, stage)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_marker(recipe: Recipe, stage: str, outputs: list[Path], upstream: dict[str, str]) -> dict:
+    sections = stage_sections(recipe, stage)
+    marker = {
+        "marker_version": MARKER_VERSION,
+        "stage": stage,
+        "recipe": recipe.name,
+        "recipe_file": str(recipe.source_path) if recipe.source_path else None,
+        "fingerprint": fingerprint(sections),
+        "sections": sections,
+        "outputs": [str(p) for p in outputs],
+        "upstream": upstream,
+        "run_id": uuid.uuid4().hex,
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(marker_path(recipe, stage), marker)
+    return marker
+
+
+# --- planning ------------------------------------------------------------------------------
+@dataclass
+class StagePlan:
+    stage: str
+    action: str  # "run" | "reuse" | "skip"
+    reason: str
+    outputs: list[str] = field(default_factory=list)
+    force: bool = False
+
+
+def stage_needed(recipe: Recipe, stage: str) -> tuple[bool, str]:
+    if stage == "precompute" and recipe.objective.method not in CACHE_METHODS:
+        return False, f"{recipe.objective.method} does not use the offline reference cache"
+    return True, ""
+
+
+def expected_outputs(recipe: Recipe, stage: str) -> list[str]:
+    """Where a stage's outputs go (before it has run)."""
+    if stage == "precompute":
+        return [str(recipe.cache_dir)]
+    if stage == "train":
+        return [str(recipe.output_dir)]
+    return [str(recipe.output_dir / "eval")]
+
+
+def _stale_reason(recipe: Recipe, stage: str, markers: dict[str, dict | None]) -> str | None:
+    """None when the stage can be reused, else why it must run."""
+    marker = markers.get(stage)
+    if marker is None:
+        return "not done yet"
+    if marker.get("fingerprint") != stage_fingerprint(recipe, stage):
+        old = marker.get("sections") or {}
+        new = stage_sections(recipe, stage)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return "recipe changed" + (f" ({', '.join(changed)})" if changed else "")
+    missing = [p for p in marker.get("outputs", []) if not Path(p).exists()]
+    if missing:
+        return f"outputs missing ({', '.join(missing)})"
+    for up, run_id in (marker.get("upstream") or {}).items():
+        up_marker = markers.get(up)
+        if up_marker is not None and up_marker.get("run_id") != run_id:
+            return f"{up} was redone since"
+    return None
+
+
+def _check_stage_name(name: str | None, flag: str) -> None:
+    if name is not None and name not in STAGES:
+        raise PipelineError(f"{flag} {name!r} is not a stage (stages: {', '.join(STAGES)})")
+
+
+def quickstart_sae_needed(recipe: Recipe) -> bool:
+    """The recipe names a local SAE path that does not exist yet."""
+    return bool(recipe.sae is not None and recipe.sae.path and not Path(recipe.resolve_input(recipe.sae.path)).exists())
+
+
+def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | None = None) -> list[StagePlan]:
+    """What `fpo run` will do: one entry per stage (run / reuse / skip, with the reason)."""
+    _check_stage_name(from_stage, "--from")
+    _check_stage_name(only, "--only")
+    if from_stage and only:
+        raise PipelineError("use --from or --only, not both")
+    markers = {s: read_marker(recipe, s) for s in STAGES}
+    plans: list[StagePlan] = []
+    will_run: set[str] = set()
+    start = STAGES.index(from_stage) if from_stage else 0
+    for i, stage in enumerate(STAGES):
+        needed, why_not = stage_needed(recipe, stage)
+        outputs = (markers[stage] or {}).get("outputs") or expected_outputs(recipe, stage)
+        if not needed:
+            plans.append(StagePlan(stage, "skip", why_not))
+            continue
+        if only is not None and stage != only:
+            plans.append(StagePlan(stage, "skip", "not selected (--only)", outputs))
+            continue
+        if only == stage:
+            plans.append(StagePlan(stage, "run", "selected with --only", expected_outputs(recipe, stage), force=True))
+            will_run.add(stage)
+            continue
+        if i < start:
+            plans.append(StagePlan(stage, "skip", f"before --from {from_stage}", outputs))
+            continue
+        if from_stage is not None:
+            plans.append(StagePlan(stage, "run", f"--from {from_stage}", expected_outputs(recipe, stage), force=True))
+            will_run.add(stage)
+            continue
+        upstream_rerun = [u for u in UPSTREAM[stage] if u in will_run]
+        reason = f"{upstream_rerun[0]} reruns" if upstream_rerun else _stale_reason(recipe, stage, markers)
+        if reason is None:
+            plans.append(StagePlan(stage, "reuse", f"done {markers[stage].get('finished_at', '')}, recipe unchanged", outputs))
+        else:
+            force = markers[stage] is not None  # a stale previous run: redo it rather than resume it
+            plans.append(StagePlan(stage, "run", reason, expected_outputs(recipe, stage), force=force))
+            will_run.add(stage)
+    return plans
+
+
+def format_plan(recipe: Recipe, plans: list[StagePlan], prestep: bool = False) -> str:
+    lines = [f"fpo run {recipe.name} ({recipe.objective.method}); outputs under {recipe.output_dir}"]
+    if prestep:
+        lines.append(f"  quickstart-sae  run     SAE {recipe.resolve_input(recipe.sae.path)} is missing: train the quickstart SAE")
+    for p in plans:
+        where = f" -> {', '.join(p.outputs)}" if p.outputs and p.action != "skip" else ""
+        lines.append(f"  {p.stage:<14}  {p.action:<6}  {p.reason}{where}")
+    return "\n".join(lines)
+
+
+# --- running -------------------------------------------------------------------------------
+def _run_precompute(recipe: Recipe, force: bool):
+    from fpo_recipes.cache import CacheMismatchError
+    from fpo_recipes.stages.precompute import run_precompute
+
+    try:
+        return run_precompute(recipe, force=force)
+    except CacheMismatchError as exc:
+        # `fpo run` makes the outputs match the recipe: a cache built from other inputs is rebuilt
+        print(f"[precompute] the existing cache was built from other inputs, rebuilding: {exc}")
+        return run_precompute(recipe, force=True)
+
+
+def _run_train(recipe: Recipe, force: bool):
+    from fpo_recipes.stages.train import run_train
+
+    return run_train(recipe)
+
+
+def _run_evaluate(recipe: Recipe, force: bool):
+    from fpo_recipes.stages.evaluate import run_evaluate
+
+    return run_evaluate(recipe)
+
+
+Runner = Callable[[Recipe, bool], Any]
+DEFAULT_RUNNERS: dict[str, Runner] = {"precompute": _run_precompute, "train": _run_train, "evaluate": _run_evaluate}
+
+
+def _quickstart_hook() -> Callable[[Recipe], Any] | None:
+    try:
+        import fpo_recipes.quickstart as quickstart
+    except ImportError:
+        return None
+    return getattr(quickstart, "ensure_quickstart_sae", None)
+
+
+def _as_paths(result: Any, fallback: list[str]) -> list[Path]:
+    if result is None:
+        return [Path(p) for p in fallback]
+    if isinstance(result, (str, os.PathLike)):
+        return [Path(result)]
+    return [Path(p) for p in result]
+
+
+def _resume_command(recipe: Recipe) -> str:
+    source = recipe.source_path or "RECIPE"
+    return f"fpo run {source}"
+
+
+def run_pipeline(
+    recipe: Recipe,
+    from_stage: str | None = None,
+    only: str | None = None,
+    runners: dict[str, Runner] | None = None,
+    echo: Callable[[str], Any] = print,
+) -> dict[str, list[Path]]:
+    """Run the stages the plan says to run; return stage -> output paths (run or reused).
+
+    Raises :class:`PipelineInterrupted` on Ctrl-C (finished stages stay reusable) and lets
+    a stage's own error through after reporting which stages finished."""
+    runners = {**DEFAULT_RUNNERS, **(runners or {})}
+    plans = plan_pipeline(recipe, from_stage=from_stage, only=only)
+    to_run = [p for p in plans if p.action == "run"]
+    sae_users = {"precompute", "train", "evaluate"} if recipe.objective.method == "fpo" else {"evaluate"}
+    prestep = quickstart_sae_needed(recipe) and any(p.stage in sae_users for p in to_run)
+    hook = _quickstart_hook() if prestep else None
+    echo(format_plan(recipe, plans, prestep=prestep and hook is not None))
+    results: dict[str, list[Path]] = {p.stage: [Path(o) for o in p.outputs] for p in plans if p.action == "reuse"}
+    finished: list[str] = [p.stage for p in plans if p.action == "reuse"]
+    current = "quickstart-sae"
+    try:
+        if prestep:
+            if hook is None:
+                raise PipelineError(
+                    f"sae.path {recipe.resolve_input(recipe.sae.path)} does not exist "
+                    "(hint: point it at an SAE, or use release + id)"
+                )
+            echo("[quickstart-sae] training the quickstart SAE")
+            hook(recipe)
+        for plan in to_run:
+            current = plan.stage
+            marker_path(recipe, plan.stage).unlink(missing_ok=True)
+            echo(f"[{plan.stage}] running ({plan.reason})")
+            result = runners[plan.stage](recipe, plan.force)
+            outputs = _as_paths(result, plan.outputs)
+            upstream = {}
+            for up in UPSTREAM[plan.stage]:
+                m = read_marker(recipe, up)
+                if m is not None:
+                    upstream[up] = m["run_id"]
+            write_marker(recipe, plan.stage, outputs, upstream)
+            results[plan.stage] = outputs
+            finished.append(plan.stage)
+            echo(f"[{plan.stage}] done -> {', '.join(map(str, outputs))}")
+    except KeyboardInterrupt:
+        raise PipelineInterrupted(current, finished, _resume_command(recipe)) from None
+    except Exception:
+        echo(f"[{current}] failed; finished stages: {', '.join(finished) or 'none'} (they will be reused on the next run)")
+        raise
+    return results

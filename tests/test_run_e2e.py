@@ -1,0 +1,47 @@
+"""`fpo run` for real on the tiny fixtures: precompute -> Axolotl training -> evaluate, then reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fpo_recipes.recipe import load_recipe
+
+pytest.importorskip("fpo_recipes.stages.train")
+pytest.importorskip("axolotl")
+
+
+def test_fpo_run_end_to_end_then_everything_is_reused(write_recipe):
+    from fpo_recipes.stages import run as pipeline
+
+    path = write_recipe(
+        data={"heldout_size": 2},
+        evaluate={"generation": {"max_new_tokens": 4, "num_samples": 2, "num_prompts": 2}},
+    )
+    recipe = load_recipe(path)
+    lines: list[str] = []
+    results = pipeline.run_pipeline(recipe, echo=lines.append)
+    assert lines[0].startswith("fpo run tiny-fpo (fpo); outputs under")
+    metrics_path = results["evaluate"][0]
+    assert metrics_path == recipe.output_dir / "eval" / "metrics.json"
+    result = json.loads(metrics_path.read_text())
+    t = result["metrics"]["trained"]
+    assert t["seq_kl_chosen"] > 0 and t["feature_mse_chosen"] > 0  # training moved the policy
+    assert result["training"]["steps"] >= 1 and (metrics_path.parent / "training_curves.png").is_file()
+    assert result["eval"]["split"] == "eval" and result["eval"]["n_pairs"] == 2
+    for stage in pipeline.STAGES:
+        assert pipeline.read_marker(recipe, stage) is not None
+
+    plans = pipeline.plan_pipeline(load_recipe(path))
+    assert [p.action for p in plans] == ["reuse", "reuse", "reuse"]
+
+    data = yaml.safe_load(path.read_text())
+    data["evaluate"]["generation"]["num_samples"] = 1
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    plans = pipeline.plan_pipeline(load_recipe(path))
+    assert [p.action for p in plans] == ["reuse", "reuse", "run"]
+    pipeline.run_pipeline(load_recipe(path), echo=lambda s: None)
+    result = json.loads(metrics_path.read_text())
+    assert result["generation"]["num_samples"] == 1
