@@ -205,7 +205,10 @@ def _get(cfg, key):
 
 def _plain(value):
     """Pydantic models / DictDefault → plain Python for comparison and re-validation."""
-    if hasattr(value, "model_dump"):
+    from pydantic import BaseModel
+
+    # Not hasattr(): Axolotl's DictDefault answers None for any attribute, model_dump included.
+    if isinstance(value, BaseModel):
         return value.model_dump()
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

@@ -44,13 +44,14 @@ def test_lora_quantisation_and_optimizer_mapping(write_recipe):
     assert cfg["optimizer"] == "paged_adamw_8bit" and cfg["bf16"] is True and cfg["gradient_checkpointing"] is True
 
 
-def test_export_axolotl_cli_and_validation_keeps_fpo_keys(write_recipe, tmp_path):
+@pytest.mark.parametrize("constraints", [None, [{"name": "pin", "features": [3, 5], "weight": 2.0}]])
+def test_export_axolotl_cli_and_validation_keeps_fpo_keys(write_recipe, tmp_path, constraints):
     """Axolotl drops undeclared keys: every fpo_* key must survive its load_cfg."""
     from typer.testing import CliRunner
 
     from fpo_recipes.cli.main import app
 
-    recipe_path = write_recipe()
+    recipe_path = write_recipe(constraints=constraints)
     out = tmp_path / "ax.yaml"
     result = CliRunner().invoke(app, ["export-axolotl", str(recipe_path), "-o", str(out)])
     assert result.exit_code == 0, result.output

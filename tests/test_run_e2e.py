@@ -18,6 +18,7 @@ def test_fpo_run_end_to_end_then_everything_is_reused(write_recipe):
 
     path = write_recipe(
         data={"heldout_size": 2},
+        constraints=[{"name": "pinned", "features": [3, 17], "weight": 2.0}],
         evaluate={"generation": {"max_new_tokens": 4, "num_samples": 2, "num_prompts": 2}},
     )
     recipe = load_recipe(path)
@@ -31,6 +32,8 @@ def test_fpo_run_end_to_end_then_everything_is_reused(write_recipe):
     assert t["seq_kl_chosen"] > 0 and t["feature_mse_chosen"] > 0  # training moved the policy
     assert result["training"]["steps"] >= 1 and (metrics_path.parent / "training_curves.png").is_file()
     assert result["eval"]["split"] == "eval" and result["eval"]["n_pairs"] == 2
+    shifts = result["targeted_shift"]["1"]  # the recipe's SAE layer
+    assert [f["id"] for f in shifts["targeted"]] == [3, 17] and shifts["untargeted"]["count"] > 0
     for stage in pipeline.STAGES:
         assert pipeline.read_marker(recipe, stage) is not None
 
