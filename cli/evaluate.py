@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fpo_recipes.cli.common import load_recipe_or_exit
+
 
 def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
@@ -18,13 +20,8 @@ def evaluate(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
 ) -> None:
     """Paper metrics of the trained model against its reference: metrics.json, report.md and plots."""
-    from fpo_recipes.recipe import RecipeError, load_and_check
 
-    try:
-        recipe = load_and_check(recipe_file)
-    except RecipeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
+    recipe = load_recipe_or_exit(recipe_file)
     from fpo_recipes.stages.evaluate import EvaluateError, run_evaluate
 
     try:

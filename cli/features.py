@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fpo_recipes.cli.common import load_recipe_or_exit
+
 features_app = typer.Typer(name="features", help="SAE feature tools for targeted constraints.", no_args_is_help=True)
 
 
@@ -31,13 +33,8 @@ def discover(
 ) -> None:
     """Rank SAE features on target texts and keep those that stand out against a contrast set."""
     from fpo_recipes.discovery import DiscoveryParams, discover_features, read_texts, write_features_file
-    from fpo_recipes.recipe import RecipeError, load_and_check
 
-    try:
-        recipe = load_and_check(recipe_file)
-    except RecipeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
+    recipe = load_recipe_or_exit(recipe_file)
     params = DiscoveryParams(top=top, ratio=ratio, min_z=min_z, max_length=max_length, batch_size=batch_size,
                              text_column=text_column, limit=limit)
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 import yaml
 
+from fpo_recipes.cli.common import load_recipe_or_exit
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
 
 app = typer.Typer(
@@ -62,11 +63,7 @@ def validate(files: list[Path] = typer.Argument(..., help="Recipe YAML files to 
 @app.command()
 def show(file: Path = typer.Argument(..., help="Recipe YAML file.")) -> None:
     """Print the fully resolved recipe (extends and defaults applied) as YAML."""
-    try:
-        recipe = load_and_check(file)
-    except RecipeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
+    recipe = load_recipe_or_exit(file)
     typer.echo(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False), nl=False)
 
 

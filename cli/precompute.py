@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fpo_recipes.cli.common import load_recipe_or_exit
+
 
 def register(app: typer.Typer) -> None:
     app.command("precompute")(precompute)
@@ -23,13 +25,8 @@ def precompute(
     built from other inputs is refused (use --force to rebuild)."""
     import logging
 
-    from fpo_recipes.recipe import RecipeError, load_and_check
 
-    try:
-        recipe = load_and_check(recipe_file)
-    except RecipeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
+    recipe = load_recipe_or_exit(recipe_file)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from fpo_recipes.cache import CacheError, read_manifest, split_dir

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fpo_recipes.cli.common import load_recipe_or_exit
+
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
@@ -18,14 +20,9 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
 ) -> None:
     """Run a recipe end to end; stages whose outputs match the recipe are reused."""
-    from fpo_recipes.recipe import RecipeError, load_and_check
     from fpo_recipes.stages import run as pipeline
 
-    try:
-        recipe = load_and_check(recipe_file)
-    except RecipeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
+    recipe = load_recipe_or_exit(recipe_file)
     if dry_run:
         try:
             plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only)

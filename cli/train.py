@@ -9,20 +9,12 @@ from pathlib import Path
 
 import typer
 
+from fpo_recipes.cli.common import load_recipe_or_exit
+
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("export-axolotl")(export_axolotl)
-
-
-def _load(recipe_file: Path):
-    from fpo_recipes.recipe import RecipeError, load_and_check
-
-    try:
-        return load_and_check(recipe_file)
-    except RecipeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
 
 
 def train(
@@ -35,7 +27,7 @@ def train(
     launcher_args: list[str] = typer.Argument(None, help="Extra launcher arguments after `--`, e.g. -- --num_processes 2."),
 ) -> None:
     """Train a recipe through Axolotl with the FPO plugin (cache checked first)."""
-    recipe = _load(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file)
     from fpo_recipes.cache import CacheError
     from fpo_recipes.stages.train import LAUNCHERS, axolotl_yaml_path, run_train
 
@@ -58,7 +50,7 @@ def export_axolotl(
     output: Path | None = typer.Option(None, "-o", "--output", help="Where to write (default train.output_dir/axolotl.yaml)."),
 ) -> None:
     """Write the Axolotl YAML for a recipe without training (use with `axolotl train`)."""
-    recipe = _load(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file)
     from fpo_recipes.stages.train import export_axolotl_config
 
     path = export_axolotl_config(recipe, output)

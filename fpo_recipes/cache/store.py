@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from fpo_recipes.atomic_io import atomic_write_bytes, atomic_write_json
 
 from fpo_recipes.cache.errors import CacheCorruptError, CacheMismatchError, CacheMissingError
 from fpo_recipes.cache.fingerprint import FORMAT_VERSION, diff_fingerprints, sha256_file
@@ -71,41 +72,6 @@ def shard_path(pdir: Path, index: int) -> Path:
 
 def progress_path(pdir: Path, index: int) -> Path:
     return pdir / "progress" / f"shard-{index:05d}.json"
-
-
-# --- atomic writes ---------------------------------------------------------------------
-
-def _current_umask() -> int:
-    # Read, not set-and-restore: os.umask(0) would briefly loosen it for other threads.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; cache files are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def _table_bytes(table: pa.Table) -> bytes:

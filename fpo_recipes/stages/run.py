@@ -15,13 +15,13 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fpo_recipes.atomic_io import atomic_write_json
 from fpo_recipes.recipe.schema import Recipe
 
 STAGES: tuple[str, ...] = ("precompute", "train", "evaluate")
@@ -131,20 +131,6 @@ def read_marker(recipe: Recipe, stage: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_marker(recipe: Recipe, stage: str, outputs: list[Path], upstream: dict[str, str]) -> dict:

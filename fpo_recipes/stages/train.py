@@ -18,6 +18,8 @@ from typing import Literal
 
 import yaml
 
+from fpo_recipes.atomic_io import atomic_write_text
+
 Launcher = Literal["inprocess", "python", "accelerate", "torchrun"]
 LAUNCHERS: tuple[str, ...] = ("inprocess", "python", "accelerate", "torchrun")
 
@@ -40,16 +42,10 @@ def export_axolotl_config(recipe, path: str | Path | None = None) -> Path:
     if not cfg.get("fpo_recipe"):
         # a recipe built in code has no file: the plugin reads a snapshot written beside the YAML
         snapshot = path.with_name(path.stem + ".recipe.yaml")
-        _atomic_write(snapshot, yaml.safe_dump(_resolved_recipe_dict(recipe), sort_keys=False))
+        atomic_write_text(snapshot, yaml.safe_dump(_resolved_recipe_dict(recipe), sort_keys=False))
         cfg["fpo_recipe"] = str(snapshot.resolve())
-    _atomic_write(path, dump_axolotl_yaml(cfg, recipe))
+    atomic_write_text(path, dump_axolotl_yaml(cfg, recipe))
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # never a half-written file
 
 
 def _resolved_recipe_dict(recipe) -> dict:
