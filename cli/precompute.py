@@ -1,4 +1,5 @@
-"""`fpo precompute RECIPE [--force]`: build the offline reference cache."""
+"""`fpo precompute RECIPE [--force]` (or `--axolotl-config AXOLOTL.yaml`): build the
+offline reference cache."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ def register(app: typer.Typer) -> None:
 
 
 def precompute(
-    recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
+    recipe_file: Path | None = typer.Argument(None, help="Recipe YAML file."),
+    axolotl_config: Path | None = typer.Option(
+        None, "--axolotl-config", help="Instead of a recipe: the Axolotl YAML (with the FPO plugin) the cache is for."
+    ),
     force: bool = typer.Option(False, "--force", help="Rebuild the cache even if one exists (also when its inputs differ)."),
     shard_size: int | None = typer.Option(None, "--shard-size", min=1, help="Pairs per resumable shard (default 1024)."),
     device: str | None = typer.Option(None, "--device", help="Torch device (default: Accelerate's, i.e. this process's GPU or the CPU)."),
@@ -22,11 +26,25 @@ def precompute(
     """Run the reference model once over the pairs and write the reference cache.
 
     Re-running with the same inputs does nothing; an interrupted run resumes; a cache
-    built from other inputs is refused (use --force to rebuild)."""
+    built from other inputs is refused (use --force to rebuild). With --axolotl-config the
+    recipe is the one the FPO plugin trains for that YAML (synthesized from its keys, or
+    its fpo_recipe), so `axolotl train` finds this cache."""
     import logging
 
+    if (recipe_file is None) == (axolotl_config is None):
+        typer.echo("error: give a recipe file or --axolotl-config AXOLOTL.yaml (one of them)", err=True)
+        raise typer.Exit(1)
+    if axolotl_config is not None:
+        from fpo_recipes.axolotl_config import AxolotlConfigError, recipe_from_axolotl_yaml
+        from fpo_recipes.recipe import RecipeError
 
-    recipe = load_recipe_or_exit(recipe_file)
+        try:
+            recipe = recipe_from_axolotl_yaml(axolotl_config)
+        except (RecipeError, AxolotlConfigError) as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(1) from None
+    else:
+        recipe = load_recipe_or_exit(recipe_file)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from fpo_recipes.cache import CacheError, read_manifest, split_dir

@@ -72,6 +72,15 @@ def test_export_axolotl_cli_and_validation_keeps_fpo_keys(write_recipe, tmp_path
     same = recipe_for_axolotl_cfg(cfg)
     assert cache_fingerprint(same) == cache_fingerprint(original)  # an unedited YAML is the recipe
 
+    # without fpo_recipe, Axolotl's validated config alone (torch_dtype, enums, filled-in
+    # defaults) synthesizes a recipe with the same cache identity
+    from axolotl.utils.dict import DictDefault
+
+    plain = recipe_for_axolotl_cfg(DictDefault({k: v for k, v in cfg.items() if k != "fpo_recipe"}))
+    assert plain.source_path is None and plain.name == "run"
+    assert cache_fingerprint(plain) == cache_fingerprint(original)
+    assert plain.objective_config() == original.objective_config()
+
 
 def test_edited_keys_override_the_recipe(write_recipe):
     from fpo_recipes.axolotl_config import AxolotlConfigError, build_axolotl_config, recipe_for_axolotl_cfg
@@ -82,7 +91,8 @@ def test_edited_keys_override_the_recipe(write_recipe):
     edited = recipe_for_axolotl_cfg(cfg)
     assert edited.objective.beta == 0.5 and edited.data.max_length == 48
     assert edited.targeted_features() == {7: 2.0}
-    with pytest.raises(AxolotlConfigError, match="fpo_recipe"):
+    # no fpo_recipe: the recipe is synthesized from the Axolotl keys, which name what is missing
+    with pytest.raises(AxolotlConfigError, match=r"base_model \(model.name_or_path\): required field is missing"):
         recipe_for_axolotl_cfg({"fpo_method": "fpo"})
     cfg.update(fpo_method="simpo")  # alpha/sae with simpo: not a valid recipe, named by key
     with pytest.raises(AxolotlConfigError, match="fpo_method"):

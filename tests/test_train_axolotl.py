@@ -192,3 +192,73 @@ def test_cache_of_another_recipe_is_refused(make_recipe, fpo_cache):
     with pytest.raises(CacheMismatchError) as err:
         FPOPlugin().load_datasets(cfg)
     assert "sae.layer" in str(err.value)
+
+
+# --- plain Axolotl YAMLs: no fpo_recipe, the plugin synthesizes the recipe -------------------
+
+
+def test_plain_axolotl_yaml_trains_fpo_on_a_recipes_cache(write_recipe, tmp_path):
+    """`fpo precompute RECIPE`, export, delete `fpo_recipe`, plain `axolotl train`: the
+    synthesized recipe finds the recipe's cache (step-1 loss is exactly log 2)."""
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+    from fpo_recipes.stages.train import _train_in_process, export_axolotl_config
+
+    recipe_path = write_recipe(train={"save_steps": 2})
+    result = CliRunner().invoke(app, ["precompute", str(recipe_path)])
+    assert result.exit_code == 0, result.output
+    recipe = load_and_check(recipe_path)
+    cfg = yaml.safe_load(export_axolotl_config(recipe, tmp_path / "exported.yaml").read_text())
+    del cfg["fpo_recipe"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    # `fpo precompute --axolotl-config` reads the same YAML and finds the cache already built
+    manifest = Path(recipe.cache_dir) / "manifest.json"
+    before = manifest.read_bytes(), manifest.stat().st_mtime_ns
+    result = CliRunner().invoke(app, ["precompute", "--axolotl-config", str(plain)])
+    assert result.exit_code == 0, result.output
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+
+    _train_in_process(plain)  # Axolotl's Python entry point: load_cfg + do_train
+    history = _log_history(Path(recipe.output_dir), 2)
+    assert [h["step"] for h in history] == [1, 2] and all(set(FPO_LOGGED) <= h.keys() for h in history)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert history[0]["constraint/chosen"] == pytest.approx(0, abs=1e-4) and history[0]["missing_ref_features"] == 0
+
+
+def test_hand_written_plain_axolotl_yaml_trains_simpo(tmp_path, tiny_model_dir, pairs_file):
+    """The README's minimal plain YAML (simpo: no cache, no reference) trains as written."""
+    from fpo_recipes.stages.train import _train_in_process
+
+    out = tmp_path / "simpo-run"
+    text = f"""
+base_model: {tiny_model_dir}
+plugins:
+  - fpo_recipes.plugins.fpo.FPOPlugin
+datasets:
+  - path: {pairs_file}
+    type: fpo_recipes.plugins.fpo.dataset
+sequence_len: 64
+bf16: false
+micro_batch_size: 2
+gradient_accumulation_steps: 1
+max_steps: 2
+save_steps: 2
+learning_rate: 1.0e-3
+optimizer: adamw_torch
+output_dir: {out}
+fpo_method: simpo
+fpo_beta: 2.0
+fpo_gamma: 0.5
+"""
+    path = tmp_path / "simpo.yaml"
+    path.write_text(text)
+    with count_language_models() as built:
+        _train_in_process(path)
+    assert len(built) == 1, built
+    history = _log_history(out, 2)
+    assert len(history) == 2 and all(set(LOGGED) <= h.keys() for h in history)
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "ref_cache").exists()  # simpo reads no reference cache

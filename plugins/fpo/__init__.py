@@ -4,7 +4,12 @@ Name it in an Axolotl YAML::
 
     plugins:
       - fpo_recipes.plugins.fpo.FPOPlugin
-    fpo_recipe: path/to/recipe.yaml
+    fpo_method: simpo            # + fpo_beta, fpo_gamma, fpo_sae_*, ... (plugins/fpo/args.py)
+
+The recipe it trains is synthesized from the Axolotl config itself (``base_model``, the
+``datasets:`` entry, ``chat_template``, ``sequence_len``, the ``fpo_*`` keys), or read
+from ``fpo_recipe: path/to/recipe.yaml`` when the YAML names one (as ``fpo train`` /
+``fpo export-axolotl`` write it); see ``fpo_recipes.axolotl_config``.
 
 How it hooks in (Axolotl 0.19), all on Axolotl's ordinary causal-LM path (no ``rl:`` —
 that path would load a reference model we do not want for fpo/dpo/simpo and would build
@@ -23,13 +28,24 @@ the trainer without the model):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
 
 from .args import FPOArgs as FPOArgs
 
 __all__ = ["FPOArgs", "FPOPlugin"]
+
+# Axolotl keys that choose the attention kernel (an explicit choice is never overridden)
+_ATTENTION_KEYS = (
+    "attn_implementation",
+    "eager_attention",
+    "sdp_attention",
+    "flash_attention",
+    "flex_attention",
+    "xformers_attention",
+    "sage_attention",
+    "s2_attention",
+)
 
 
 class FPOPlugin(BasePlugin):
@@ -52,6 +68,16 @@ class FPOPlugin(BasePlugin):
             )
         if cfg.get("sample_packing"):
             raise ValueError("sample_packing: the FPO plugin batches chosen/rejected pairs; set sample_packing: false")
+        if cfg.get("remove_unused_columns") is None:
+            cfg["remove_unused_columns"] = False  # the collator needs the cache columns
+        if cfg.get("base_model") and not any(cfg.get(key) for key in _ATTENTION_KEYS):
+            from fpo_recipes.axolotl_config import _model_type
+
+            model_type = _model_type(str(cfg["base_model"]), cfg.get("revision_of_model"))
+            if model_type and model_type.startswith("gemma2"):
+                # Gemma 2 soft-caps attention logits, which only eager does exactly; the
+                # reference cache is computed with eager, so train the policy the same way.
+                cfg["attn_implementation"] = "eager"
         if cfg.get("adapter"):
             import torch
 
@@ -63,15 +89,12 @@ class FPOPlugin(BasePlugin):
                         cfg[key] = False
 
     def recipe(self, cfg):
-        """The recipe this run trains (``fpo_recipe`` + edited ``fpo_*`` keys), built once."""
+        """The recipe this run trains, built once: ``fpo_recipe`` + edited ``fpo_*`` keys, or
+        (no ``fpo_recipe``) synthesized from the Axolotl config."""
         if self._recipe is None:
-            from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+            from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg, resolve_recipe_path
 
-            path = cfg.get("fpo_recipe")
-            if path and not Path(path).is_absolute() and cfg.get("axolotl_config_path"):
-                beside = Path(cfg["axolotl_config_path"]).parent / path
-                if beside.exists():
-                    cfg["fpo_recipe"] = str(beside.resolve())
+            resolve_recipe_path(cfg)
             self._recipe = recipe_for_axolotl_cfg(cfg)
         return self._recipe
 
@@ -80,10 +103,18 @@ class FPOPlugin(BasePlugin):
         """Tokenized pairs joined with the reference cache (fingerprint-checked)."""
         from axolotl.common.datasets import TrainDatasetMeta
 
+        from fpo_recipes.cache import CacheError
+
         from .dataset import build_dataset
 
         recipe = self.recipe(cfg)
-        train = build_dataset(recipe, "train")
+        try:
+            train = build_dataset(recipe, "train")
+        except CacheError as exc:
+            if not cfg.get("fpo_recipe"):  # the hints say RECIPE; this run has an Axolotl YAML instead
+                where = cfg.get("axolotl_config_path") or "AXOLOTL.yaml"
+                exc.args = (str(exc).replace("fpo precompute RECIPE", f"fpo precompute --axolotl-config {where}"),)
+            raise
         world = max(int(cfg.get("world_size") or 1), 1)
         per_step = int(cfg.micro_batch_size) * world
         batches = len(train) // per_step  # the dataloader drops the last partial batch

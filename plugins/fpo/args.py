@@ -2,9 +2,12 @@
 
 Axolotl validates its YAML against a Pydantic model and silently drops keys that no
 schema declares, so every option the plugin reads is declared here, prefixed ``fpo_``.
-All default to None: a key left out means "as the recipe (``fpo_recipe``) says"; a key
-given overrides the recipe for this run, and the reference-cache fingerprint check then
-refuses any override the cache was not built for.
+All default to None. With ``fpo_recipe``, a key left out means "as the recipe says" and a
+key given overrides the recipe for this run. Without ``fpo_recipe`` (a plain Axolotl
+YAML) the keys, with ``base_model``, ``datasets:``, ``chat_template`` and
+``sequence_len``, make the recipe, and a key left out takes the recipe default (see
+``fpo_recipes.axolotl_config.recipe_from_axolotl_cfg``). Either way the reference-cache
+fingerprint check refuses a cache built for anything else.
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ class FPOArgs(BaseModel):
     fpo_recipe: str | None = Field(
         default=None,
         json_schema_extra={
-            "description": "Path of the fpo-recipes recipe this config was generated from; the plugin reads the "
-            "preference data, tokenizer/chat template and reference-cache identity from it."
+            "description": "Optional path of an fpo-recipes recipe (as `fpo export-axolotl` writes it); the plugin then "
+            "reads the preference data, tokenizer/chat template and reference-cache identity from it. Without it the "
+            "recipe is synthesized from this Axolotl config."
         },
     )
-    fpo_method: Literal["fpo", "dpo", "simpo", "tdpo1", "tdpo2", "simpo_kl"] | None = None
+    fpo_method: Literal["fpo", "dpo", "simpo", "tdpo1", "tdpo2", "simpo_kl"] | None = Field(
+        default=None,
+        json_schema_extra={"description": "The objective (required without fpo_recipe)."},
+    )
     fpo_beta: float | None = Field(default=None, gt=0)
     fpo_alpha: float | None = Field(default=None, ge=0)
     fpo_gamma: float | None = None
@@ -49,7 +56,35 @@ class FPOArgs(BaseModel):
     fpo_constraints: list[FPOConstraintArgs] | None = None
     fpo_cache_dir: str | None = None
     fpo_max_length: int | None = Field(default=None, ge=2)
-    fpo_max_prompt_length: int | None = Field(default=None, ge=1)
+    fpo_max_prompt_length: int | None = Field(
+        default=None, ge=1, json_schema_extra={"description": "Default (no fpo_recipe): half the max length."}
+    )
+    fpo_k_cache: int | None = Field(
+        default=None, ge=1, json_schema_extra={"description": "Reference top-k stored per sequence (recipe precompute.k_cache, default 256)."}
+    )
+    fpo_heldout_size: int | None = Field(
+        default=None, ge=0, json_schema_extra={"description": "Pairs held out of the training data for evaluation (recipe data.heldout_size)."}
+    )
+    fpo_data_format: Literal["columns", "conversation"] | None = Field(
+        default=None,
+        json_schema_extra={"description": "columns: prompt/chosen/rejected strings; conversation: chosen/rejected message lists."},
+    )
+    fpo_prompt_column: str | None = None
+    fpo_chosen_column: str | None = None
+    fpo_rejected_column: str | None = None
+    fpo_data_limit: int | None = Field(default=None, ge=1, json_schema_extra={"description": "Use the first N pairs only."})
+    fpo_plain_text: bool | None = Field(
+        default=None,
+        json_schema_extra={"description": "true: no chat template; prompt and response are concatenated as plain text."},
+    )
+    fpo_reference_model: str | None = Field(
+        default=None, json_schema_extra={"description": "Reference model if not base_model (recipe reference.name_or_path)."}
+    )
+    fpo_reference_revision: str | None = None
+    fpo_reference_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None,
+        json_schema_extra={"description": "Reference dtype if not the dtype Axolotl loads base_model in (bf16/fp16 keys)."},
+    )
     fpo_logprob_chunk_size: int | None = Field(
         default=None,
         ge=1,
