@@ -526,13 +526,13 @@ def _validate(data: dict[str, Any], file: str, label, lenient: bool = False):
     from pydantic import ValidationError
 
     from fpo_recipes.recipe import Recipe, RecipeIssue
-    from fpo_recipes.recipe.loader import _field_path, _issue_from_error
+    from fpo_recipes.recipe.loader import field_path, issue_from_error
 
     while True:  # each retry has dropped at least one lenient field
         try:
             recipe = Recipe.model_validate(data, context={"defer_cross_checks": True})
         except ValidationError as exc:
-            found = [_issue_from_error(err, {}, file) for err in exc.errors()]
+            found = [issue_from_error(err, {}, file) for err in exc.errors()]
             dropped = lenient and _drop_lenient(data, [i.field for i in found])
             if dropped:
                 continue
@@ -545,7 +545,7 @@ def _validate(data: dict[str, Any], file: str, label, lenient: bool = False):
             return None, issues
         problems = recipe.cross_section_problems()
         if problems:
-            return None, [RecipeIssue(file, None, label(_field_path(loc)), msg) for loc, msg in problems]
+            return None, [RecipeIssue(file, None, label(field_path(loc)), msg) for loc, msg in problems]
         return recipe, []
 
 

@@ -137,7 +137,7 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def _field_path(loc: Loc) -> str:
+def field_path(loc: Loc) -> str:
     parts: list[str] = []
     for part in loc:
         if isinstance(part, int):
@@ -159,7 +159,7 @@ def _clean_loc(loc: Loc, origins: dict[Loc, tuple[str, int]]) -> Loc:
     return kept
 
 
-def _issue_from_error(err: dict, origins: dict[Loc, tuple[str, int]], default_file: str) -> RecipeIssue:
+def issue_from_error(err: dict, origins: dict[Loc, tuple[str, int]], default_file: str) -> RecipeIssue:
     loc = _clean_loc(err["loc"], origins)
     message = err["msg"].removeprefix("Value error, ")
     # Section validators start their message with the field they are about ("gamma: ...").
@@ -179,7 +179,7 @@ def _issue_from_error(err: dict, origins: dict[Loc, tuple[str, int]], default_fi
     while probe and probe not in origins:
         probe = probe[:-1]
     file, line = origins.get(probe, (default_file, None))
-    return RecipeIssue(file, line, _field_path(loc), message)
+    return RecipeIssue(file, line, field_path(loc), message)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -191,7 +191,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except ValidationError as exc:
         seen, issues = set(), []
         for err in exc.errors():
-            issue = _issue_from_error(err, doc.origins, str(path))
+            issue = issue_from_error(err, doc.origins, str(path))
             if (issue.field, issue.message) not in seen:
                 seen.add((issue.field, issue.message))
                 issues.append(issue)
@@ -200,7 +200,7 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe._origins = doc.origins
     problems = recipe.cross_section_problems()
     if problems:
-        raise RecipeError([RecipeIssue(*origin_of(recipe, loc), _field_path(loc), msg) for loc, msg in problems])
+        raise RecipeError([RecipeIssue(*origin_of(recipe, loc), field_path(loc), msg) for loc, msg in problems])
     if recipe.sae is not None and recipe.objective.method != "fpo":
         recipe._warnings.append(f"sae is ignored for objective.method {recipe.objective.method} (only fpo uses SAE features)")
     return recipe
