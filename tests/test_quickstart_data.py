@@ -60,11 +60,32 @@ def test_accuracy():
         qd.accuracy(["1 + 1 ="], [])
 
 
-def test_shipped_recipe_data_is_the_generator_output(tmp_path):
-    paths = qd.write_quickstart_data(tmp_path, prefix="quickstart-")
-    for name, path in paths.items():
-        shipped = REPO / "recipes" / f"quickstart-{name}.jsonl"
-        assert shipped.read_text() == path.read_text(), f"regenerate with `fpo data make-quickstart recipes --prefix quickstart-`"
+def test_shipped_recipe_data_is_the_generator_output():
+    """The shipped files are `fpo data make-quickstart recipes --prefix quickstart- --model
+    builtin:gemma3-270m`: the generator's questions and answers, with rejected responses that
+    are wrong (the base model's own mistakes where it makes one, else the synthetic ones)."""
+    made = qd.make_splits()
+    for name, rows in made.items():
+        shipped = qd.read_jsonl(REPO / "recipes" / f"quickstart-{name}.jsonl")
+        assert [(r["prompt"], r["chosen"]) for r in shipped] == [(r["prompt"], r["chosen"]) for r in rows]
+        assert not any(qd.verify(r["prompt"], r["rejected"]) for r in shipped)
+        on_policy = sum(s["rejected"] != r["rejected"] for s, r in zip(shipped, rows))
+        assert 0 < on_policy < len(rows)  # some model mistakes, some questions it got right
+
+
+def test_model_mistakes_become_rejected_responses():
+    rows = qd.make_pairs(4, seed=5)
+    answers = [
+        f" {qd.parse_question(rows[0]['prompt']).answer}",  # right: the synthetic rejected stays
+        " 1000",  # wrong: becomes the rejected response
+        " no idea",  # no number: the synthetic rejected stays
+        "-3",  # negative: never a rejected response (the generator's answers are >= 0)
+    ]
+    out = qd.with_model_mistakes(rows, answers)
+    assert [r["rejected"] for r in out] == [rows[0]["rejected"], " 1000", rows[2]["rejected"], rows[3]["rejected"]]
+    assert [(r["prompt"], r["chosen"]) for r in out] == [(r["prompt"], r["chosen"]) for r in rows]
+    with pytest.raises(ValueError):
+        qd.with_model_mistakes(rows, answers[:2])
 
 
 def test_make_quickstart_cli(tmp_path):
