@@ -21,6 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fpo_recipes.models import text_config
+
 HOOKS = ("resid_post", "mlp_out")
 
 
@@ -30,8 +32,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     config = getattr(model, "config", None)
     expected = None
     if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        expected = getattr(text, "num_hidden_layers", None)
+        expected = getattr(text_config(config), "num_hidden_layers", None)
     candidates = [
         (name.count("."), name, module)
         for name, module in model.named_modules()

@@ -53,20 +53,42 @@ def load_model_config(recipe, which: str = "reference"):
     return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
 
 
-def _text_config(config):
+def text_config(config):
     """Multimodal configs (Gemma 3 4B+) keep the language model's shape in a text config."""
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
 
 
+def lm_head_parts(model):
+    """(weight, bias, final logit soft-cap) of a causal LM's output projection: what the
+    chunked hidden-state log-prob path needs instead of the full [B, T, V] logits."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None), getattr(text_config(model.config), "final_logit_softcapping", None)
+
+
+def lm_head_is_plain(model) -> bool:
+    """Whether logits are exactly ``hidden @ W.T (+ b)`` with a floating-point W: false for a
+    LoRA-adapted head and for bitsandbytes' quantised heads (they subclass nn.Linear but hold
+    int8/packed 4-bit weights)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return (
+        isinstance(head, torch.nn.Linear)
+        and not hasattr(head, "lora_A")
+        and head.weight.dtype.is_floating_point
+        and type(head).__module__.split(".")[0] != "bitsandbytes"
+    )
+
+
 def model_num_layers(config) -> int:
     """Number of decoder layers (valid hook layers are 0..n-1)."""
-    return int(_text_config(config).num_hidden_layers)
+    return int(text_config(config).num_hidden_layers)
 
 
 def model_hidden_size(config) -> int:
     """Width of the residual stream, which an SAE's d_in must equal."""
-    return int(_text_config(config).hidden_size)
+    return int(text_config(config).hidden_size)
 
 
 def torch_dtype(name: str):
@@ -98,7 +120,7 @@ def load_tokenizer(recipe):
 
 def _attn_kwargs(config) -> dict[str, Any]:
     # Gemma 2 soft-caps attention logits, which only the eager kernel implements exactly.
-    model_type = getattr(_text_config(config), "model_type", "") or ""
+    model_type = getattr(text_config(config), "model_type", "") or ""
     return {"attn_implementation": "eager"} if model_type.startswith("gemma2") else {}
 
 

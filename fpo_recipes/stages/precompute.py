@@ -35,12 +35,6 @@ DEFAULT_SHARD_SIZE = 1024  # pairs per shard: the unit of resumption
 
 # --- the reference pass ------------------------------------------------------------------
 
-def _lm_head(model):
-    head = model.get_output_embeddings()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return head.weight, getattr(head, "bias", None), getattr(config, "final_logit_softcapping", None)
-
-
 @torch.no_grad()
 def reference_pass(model, saes: dict[int, Any], batch: dict[str, torch.Tensor], *, hook: str = "resid_post",
                    pooling: str = "sum", k_cache: int = 0, target_ids: list[int] | None = None) -> dict[str, Any]:
@@ -51,6 +45,7 @@ def reference_pass(model, saes: dict[int, Any], batch: dict[str, torch.Tensor], 
     through the LM head (chunked, never the full [2B, T, V] logits); SAE inputs are captured
     by forward hooks at the hook point (not ``hidden_states``)."""
     from fpo_recipes.hooks import capture_hidden
+    from fpo_recipes.models import lm_head_parts
     from fpo_recipes.objectives import response_logprobs_from_hidden, shift_labels, sparse_topk
     from fpo_recipes.sae import encode_pooled
 
@@ -62,7 +57,7 @@ def reference_pass(model, saes: dict[int, Any], batch: dict[str, torch.Tensor], 
     with capture_hidden(model, layers, hook) as captured:
         # The decoder stack alone: its last_hidden_state is after the final norm, ready for the LM head.
         out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    weight, bias, softcap = _lm_head(model)
+    weight, bias, softcap = lm_head_parts(model)
     labels = shift_labels(input_ids, response_mask, attention_mask)
     logps, lengths = response_logprobs_from_hidden(out.last_hidden_state, weight, labels, softcap=softcap, lm_head_bias=bias)
     result: dict[str, Any] = {"logps": logps.double().cpu(), "lengths": lengths.cpu(), "indices": {}, "values": {}, "targets": {}}

@@ -31,22 +31,7 @@ from fpo_recipes.objectives import (
     sequence_kl_from_logits,
     shift_labels,
 )
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _lm_head(model):
-    """(weight, bias, final soft-cap) of the model's LM head, for the hidden-state path."""
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None), getattr(_text_config(model), "final_logit_softcapping", None)
-
-
-def lm_head_is_plain(model) -> bool:
-    """Whether logits are exactly ``hidden @ W.T (+ b)``: false for adapted/quantised heads."""
-    head = model.get_output_embeddings()
-    return type(head) is torch.nn.Linear or (isinstance(head, torch.nn.Linear) and not hasattr(head, "lora_A"))
+from fpo_recipes.models import lm_head_is_plain, lm_head_parts
 
 
 class PreferenceObjective:
@@ -96,7 +81,7 @@ class PreferenceObjective:
     def _logps(self, out, unwrapped, labels):
         if self.full_logits:
             return response_logprobs_from_logits(out.logits, labels, self.chunk_size)
-        weight, bias, softcap = _lm_head(unwrapped)
+        weight, bias, softcap = lm_head_parts(unwrapped)
         return response_logprobs_from_hidden(
             out.hidden_states[-1], weight, labels, self.chunk_size, softcap=softcap, lm_head_bias=bias
         )
@@ -111,8 +96,8 @@ class PreferenceObjective:
         if self.full_logits:
             seqkl = sequence_kl_from_logits(ref_out.logits, policy_out.logits, labels, self.chunk_size)
         else:
-            rw, rb, rcap = _lm_head(ref_unwrapped)
-            pw, pb, pcap = _lm_head(unwrapped)
+            rw, rb, rcap = lm_head_parts(ref_unwrapped)
+            pw, pb, pcap = lm_head_parts(unwrapped)
             seqkl = sequence_kl_from_hidden(
                 ref_out.hidden_states[-1], rw, policy_out.hidden_states[-1], pw, labels, self.chunk_size,
                 ref_softcap=rcap, policy_softcap=pcap, ref_lm_head_bias=rb, policy_lm_head_bias=pb,
