@@ -28,18 +28,30 @@ def _subpackages() -> set[str]:
     return names
 
 
+def _copy_committed_tree(dest: Path) -> None:
+    """Copy the files git tracks (what a fresh clone has), not the working tree: an untracked
+    module that pyproject.toml names would build here and break every fresh clone."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, listed.decode().split("\0")):
+        source = REPO / rel
+        if source.is_file():  # a tracked file deleted in the working tree is not shipped
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / rel)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     # Build from a copy: setuptools leaves build/ in the source tree, and a stale build/lib
     # there would ship modules that no longer exist.
     src = tmp_path_factory.mktemp("src") / "fpo-recipes"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "__pycache__", "*.egg-info"))
-    subprocess.run(
+    _copy_committed_tree(src)
+    built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    assert built.returncode == 0, f"the committed tree does not build:\n{built.stderr[-3000:]}"
     (whl,) = out.glob("fpo_recipes-*.whl")
     return whl
 

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fpo_recipes.quickstart.data import parse_question, verify
+from fpo_recipes.data import load_preference_data
+from fpo_recipes.models import resolve_model_path
+from fpo_recipes.quickstart.data import parse_question, read_jsonl, verify
 from fpo_recipes.quickstart.sae_train import QUICKSTART_SAE, SAETrainSettings
 
 
@@ -26,43 +28,23 @@ def _model_location(recipe) -> tuple[str, str]:
     the reference (the SAE encodes the reference's and the policy's activations alike, and
     the policy starts from the reference)."""
     name = recipe.reference_model.name_or_path
-    if name.startswith("builtin:"):
-        from fpo_recipes.models import resolve_model_path
-
-        return resolve_model_path(name), name
-    resolved = recipe.resolve_input(name)
-    try:
-        from fpo_recipes.models import resolve_model_path
-
-        resolved = resolve_model_path(resolved, recipe.base_dir)
-    except ImportError:  # pragma: no cover
-        pass
-    return resolved, name if not Path(resolved).exists() else str(Path(resolved).resolve())
+    resolved = resolve_model_path(recipe.resolve_input(name), recipe.base_dir)
+    if name.startswith("builtin:") or not Path(resolved).exists():
+        return resolved, name
+    return resolved, str(Path(resolved).resolve())
 
 
 def corpus_for(recipe) -> list[str]:
     """Texts the SAE is trained on: the recipe's training pairs, prompt + each response,
     templated exactly as precompute and training will see them."""
-    try:
-        from fpo_recipes.data import load_preference_data
-    except ImportError:  # pragma: no cover - data is part of the package
-        load_preference_data = None
-    if load_preference_data is not None:
-        ds = load_preference_data(recipe, "train")
-        texts = [p + c for p, c in zip(ds["prompt"], ds["chosen"])]
-        texts += [p + r for p, r in zip(ds["prompt"], ds["rejected"])]
-        return texts
-    from fpo_recipes.quickstart.data import corpus_texts, read_jsonl
-
-    return corpus_texts(read_jsonl(recipe.resolve_input(recipe.data.train.path)))
+    ds = load_preference_data(recipe, "train")
+    return [p + c for p, c in zip(ds["prompt"], ds["chosen"])] + [p + r for p, r in zip(ds["prompt"], ds["rejected"])]
 
 
 def is_quickstart_data(recipe, sample: int = 32) -> bool:
     """Whether the recipe's data are quickstart arithmetic pairs (so answers can be checked
     with :func:`verify`): the first ``sample`` rows of each local JSONL source parse as
     questions whose chosen response is correct."""
-    from fpo_recipes.quickstart.data import read_jsonl
-
     sources = [recipe.data.train] + ([recipe.data.eval] if recipe.data.eval is not None else [])
     for source in sources:
         path = Path(recipe.resolve_input(source.path))

@@ -219,15 +219,6 @@ def write_quickstart_data(
     return {name: write_jsonl(rows, out / f"{prefix}{name}.jsonl") for name, rows in splits.items()}
 
 
-def corpus_texts(rows: Iterable[dict]) -> list[str]:
-    """Plain texts for SAE training: every prompt with its chosen and its rejected response."""
-    texts = []
-    for r in rows:
-        texts.append(r["prompt"] + r["chosen"])
-        texts.append(r["prompt"] + r["rejected"])
-    return texts
-
-
 def accuracy(prompts: list[str], responses: list[str]) -> float:
     """Fraction of responses that :func:`verify` accepts."""
     if len(prompts) != len(responses):

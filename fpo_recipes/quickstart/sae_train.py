@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 
+from fpo_recipes.hooks import _first_tensor as first_tensor, hook_module  # TODO-lead: rename in hooks
+
 TRAINING_FILE = "fpo_sae_training.json"
 FINGERPRINT_VERSION = 2  # 2: features kept at the normalised scale
 
@@ -57,24 +59,6 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing after the hooked layer is needed."""
 
 
-def _hook_module(model: torch.nn.Module, layer: int, hook: str) -> torch.nn.Module:
-    try:
-        from fpo_recipes.hooks import hook_module
-    except ImportError:  # pragma: no cover - hooks is part of the package
-        if hook != "resid_post":
-            raise ValueError(f"hook {hook!r} needs fpo_recipes.hooks") from None
-        return model.model.layers[layer]
-    return hook_module(model, layer, hook)
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find the hidden states in a {type(output).__name__} module output")
-
-
 @torch.no_grad()
 def collect_activations(
     model: torch.nn.Module,
@@ -89,11 +73,11 @@ def collect_activations(
     """Float32 activations ``[N, d_model]`` at ``hook`` of decoder layer ``layer`` for every
     real token of ``texts`` — BOS, other special tokens and padding excluded (they fire
     features hugely and FPO masks them too). The forward stops after the hooked layer."""
-    module = _hook_module(model, layer, hook)
+    module = hook_module(model, layer, hook)
     captured: dict[str, torch.Tensor] = {}
 
     def _capture(_mod, _inputs, output):
-        captured["h"] = _first_tensor(output)
+        captured["h"] = first_tensor(output)
         raise _StopForward
 
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
