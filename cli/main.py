@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import typer
 import yaml
 
+from fpo_recipes.cli import evaluate, features, precompute, quickstart, run, train
 from fpo_recipes.cli.common import load_recipe_or_exit
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
 
@@ -74,9 +74,5 @@ def schema() -> None:
 
 
 # Stage commands live beside the stages they drive; each module adds itself to the app.
-for _module in ("precompute", "train", "evaluate", "run", "features", "quickstart"):
-    try:
-        importlib.import_module(f"fpo_recipes.cli.{_module}").register(app)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"fpo_recipes.cli.{_module}":
-            raise
+for _module in (precompute, train, evaluate, run, features, quickstart):
+    _module.register(app)

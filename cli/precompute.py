@@ -53,7 +53,8 @@ def precompute(
 
     try:
         cache_dir = run_precompute(recipe, force=force, shard_size=shard_size, device=device)
-    except (CacheError, SAECompatError, ValueError) as exc:
+    # OSError: a model or tokenizer that cannot be loaded (named by ModelLoadError), or the disk.
+    except (CacheError, SAECompatError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     for split in ("train", "eval"):

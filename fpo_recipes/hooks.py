@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fpo_recipes.models import text_config
+from fpo_recipes.sae import SAECompatError, layer_depth_problem
 
 HOOKS = ("resid_post", "mlp_out")
 
@@ -49,8 +50,9 @@ def hook_module(model: nn.Module, layer: int, hook: str) -> nn.Module:
     if hook not in HOOKS:
         raise ValueError(f"sae.hook: unknown hook {hook!r} (expected one of {', '.join(HOOKS)})")
     layers = find_decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise ValueError(f"sae.layer: {layer} is past the model's depth ({len(layers)} layers: 0..{len(layers) - 1})")
+    problem = layer_depth_problem(layer, len(layers))
+    if problem:
+        raise SAECompatError(f"sae.layer: {problem}")
     block = layers[layer]
     if hook == "resid_post":
         return block
@@ -61,7 +63,7 @@ def hook_module(model: nn.Module, layer: int, hook: str) -> nn.Module:
     raise ValueError(f"sae.hook: mlp_out is not supported for {type(block).__name__} (no MLP module found)")
 
 
-def _first_tensor(output) -> torch.Tensor:
+def first_tensor(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
@@ -90,7 +92,7 @@ def capture_hidden(model: nn.Module, layers: list[int], hook: str = "resid_post"
 
             def _hook(_mod, _inputs, output, _layer=layer):
                 if not _in_backward():
-                    captured[_layer] = _first_tensor(output)
+                    captured[_layer] = first_tensor(output)
 
             handles.append(module.register_forward_hook(_hook))
             block = find_decoder_layers(model)[layer]
@@ -103,8 +105,8 @@ def capture_hidden(model: nn.Module, layers: list[int], hook: str = "resid_post"
                     if _in_backward():
                         return out
                     if hook == "resid_post":
-                        captured[_layer] = _first_tensor(out)
-                    elif _first_tensor(out).requires_grad and not captured[_layer].requires_grad:
+                        captured[_layer] = first_tensor(out)
+                    elif first_tensor(out).requires_grad and not captured[_layer].requires_grad:
                         raise RuntimeError(
                             "sae.hook: mlp_out is inside a layer checkpointed with use_reentrant=True, where it "
                             "carries no gradient (hint: gradient_checkpointing_kwargs={'use_reentrant': False})"

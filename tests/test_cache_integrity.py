@@ -221,3 +221,33 @@ def test_truncated_shard_is_detected_and_recomputed(reference, make, tmp_path, m
     assert written == [0, 2]
     assert "shard-00000.arrow is truncated" in caplog.text
     assert _data_bytes(recipe.cache_dir) == _data_bytes(reference.cache_dir)
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (lambda f: f.write_text('{"reference.name_or_path": "other'), "is unreadable"),
+        (lambda f: f.write_text("null"), "is not a fingerprint"),
+        (lambda f: f.unlink(), "is missing"),
+    ],
+    ids=["truncated", "not-a-dict", "deleted"],
+)
+def test_partial_build_with_unreadable_fingerprint_is_never_adopted(reference, make, tmp_path, monkeypatch, damage, why):
+    """Its shards may come from another reference or SAE: refuse them, and --force discards them."""
+    from fpo_recipes.stages.precompute import run_precompute
+
+    recipe = make(cache_dir=tmp_path / "foreign")
+    _kill_after(monkeypatch, 1)
+    with pytest.raises(Killed):
+        run_precompute(recipe, shard_size=SHARD, show_progress=False)
+    fp_file = store.partial_dir(recipe.cache_dir) / "fingerprint.json"
+    damage(fp_file)
+    monkeypatch.undo()
+    written = _count_writes(monkeypatch)
+    with pytest.raises(CacheCorruptError, match=f"fingerprint.json {why}.*--force") as exc:
+        run_precompute(recipe, shard_size=SHARD, show_progress=False)
+    assert exc.value.path == str(fp_file)
+    assert written == [] and not (recipe.cache_dir / "manifest.json").exists()
+    run_precompute(recipe, force=True, shard_size=SHARD, show_progress=False)
+    assert written == [0, 1, 2]  # shard 0 of the unknown build was recomputed
+    assert _data_bytes(recipe.cache_dir) == _data_bytes(reference.cache_dir)

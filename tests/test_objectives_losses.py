@@ -16,7 +16,10 @@ from fpo_recipes.objectives import (  # noqa: E402
     ObjectiveConfig,
     PreferenceBatch,
     compute_objective,
+    feature_divergence,
     get_method,
+    pool_activations,
+    sparse_topk,
 )
 
 F64 = torch.float64
@@ -211,6 +214,38 @@ def test_fpo_without_constraint_is_simpo_with_reference_ln_margin(pair):
     assert abs(fpo_alpha0.loss.item() - compute_objective(ObjectiveConfig("simpo", beta=beta), one).loss.item()) > 1e-4
 
 
+def test_all_features_freed_gives_d_zero_and_fpo_is_simpo_with_reference_ln_margin():
+    """The whole chain: SAE activations → pooling → D with every feature weighted 0 → FPO's u."""
+    torch.manual_seed(0)
+    n_feat, k, beta = 6, 2, 0.1
+    mask = torch.tensor([[False, True, True, True], [False, False, True, True]])  # prompt/BOS first
+    policy_acts = {side: torch.rand(2, 4, n_feat, dtype=F64, requires_grad=True) for side in ("chosen", "rejected")}
+    ref_acts = {side: torch.rand(2, 4, n_feat, dtype=F64) for side in ("chosen", "rejected")}
+
+    def divergence(side: str, weight: float) -> torch.Tensor:
+        ref_pooled = pool_activations(ref_acts[side], mask, "sum")
+        ref_idx, ref_val = sparse_topk(ref_pooled, k=4)  # the cache: k_cache = 4 >= k
+        every = torch.arange(n_feat)
+        return feature_divergence(
+            pool_activations(policy_acts[side], mask, "sum"), ref_idx, ref_val, k=k,
+            targeted_indices=every, targeted_weights=torch.full((n_feat,), weight, dtype=F64), targeted_ref_values=ref_pooled,
+        ).d  # fmt: skip
+
+    freed = {side: divergence(side, 0.0) for side in ("chosen", "rejected")}
+    assert freed["chosen"].tolist() == [0.0, 0.0] and freed["rejected"].tolist() == [0.0, 0.0]
+    assert divergence("rejected", 1.0).min() > 0  # the same chain with weight 1 does constrain
+
+    batch = make_batch(chosen_divergence=freed["chosen"], rejected_divergence=freed["rejected"])
+    fpo = compute_objective(ObjectiveConfig("fpo", beta=beta, alpha=0.5, k=k), batch)
+    for pair in (0, 1):
+        gamma_ref_ln = beta * RC[pair] / LC[pair] - beta * RR[pair] / LR[pair]  # by hand, per pair
+        one = PreferenceBatch(**{f.name: getattr(batch, f.name)[pair : pair + 1] for f in dataclasses.fields(batch)})
+        simpo = compute_objective(ObjectiveConfig("simpo", beta=beta, gamma=gamma_ref_ln), one)
+        assert fpo.losses[pair].item() == pytest.approx(simpo.loss.item(), abs=1e-12)
+    fpo.loss.backward()  # freed features pass no gradient back to the SAE activations
+    assert policy_acts["rejected"].grad.abs().sum() == 0
+
+
 # -------------------------------------------------------------------- errors, registry
 
 
@@ -257,11 +292,14 @@ def test_registry_matches_spec_table():
         assert got == flags, name
     with pytest.raises(ValueError, match="dpo, fpo, simpo, simpo_kl, tdpo1, tdpo2"):
         get_method("ipo")
+    with pytest.raises(ValueError, match=r"margin must be one of \('reference', 'reference_ln', 'gamma'\), got 'none'"):
+        dataclasses.replace(get_method("dpo"), margin="none")
 
 
 def test_config_defaults_and_validation():
     cfg = ObjectiveConfig("fpo", beta=0.1)
-    assert (cfg.alpha, cfg.gamma, cfg.k, cfg.pooling, cfg.stop_gradient) == (0.5, 0.0, 64, "mean", True)
+    # the recipe schema reads these same defaults (tests/test_recipe_validate.py checks they agree)
+    assert (cfg.alpha, cfg.gamma, cfg.k, cfg.pooling, cfg.stop_gradient) == (0.5, 0.0, 64, "sum", True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.beta = 1.0  # type: ignore[misc]
     with pytest.raises(ValueError, match="valid methods"):

@@ -22,6 +22,9 @@ from collections import defaultdict  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from trl import DPOTrainer  # noqa: E402
+from trl.experimental.cpo import CPOTrainer  # noqa: E402
+from trl.trainer.utils import selective_log_softmax  # noqa: E402
 
 from fpo_recipes.objectives import (  # noqa: E402
     ObjectiveConfig,
@@ -30,11 +33,6 @@ from fpo_recipes.objectives import (  # noqa: E402
     response_logprobs_from_logits,
     shift_labels,
 )
-
-trl = pytest.importorskip("trl")
-from trl import DPOTrainer  # noqa: E402
-from trl.experimental.cpo import CPOTrainer  # noqa: E402
-from trl.trainer.utils import selective_log_softmax  # noqa: E402
 
 B, T, V = 3, 10, 23
 

@@ -35,3 +35,30 @@ def test_precompute_reports_recipe_errors(tmp_path):
     bad.write_text("name: x\n")
     result = CliRunner().invoke(app, ["precompute", str(bad)])
     assert result.exit_code == 1
+
+
+def test_unloadable_model_is_one_error_line_naming_the_field(write_recipe, tmp_path):
+    runner = CliRunner()
+    missing = tmp_path / "no_such_model"
+    result = runner.invoke(app, ["precompute", str(write_recipe(model={"name_or_path": str(missing)}))])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # exited cleanly, not on an uncaught OSError
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: model.name_or_path: {missing} does not exist (hint: give an existing local model folder, or a hub name)"
+    )
+    # A separate reference model is named by its own field.
+    result = runner.invoke(app, ["precompute", str(write_recipe("ref.yaml", reference={"name_or_path": str(missing)}))])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: reference.name_or_path: {missing} does not exist (hint: give an existing local model folder, or a hub name)"
+    )
+
+
+def test_uncached_hub_model_offline_says_how_to_get_it(write_recipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(app, ["precompute", str(write_recipe(model={"name_or_path": "no-such-org/no-such-model"}))])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "error: model.name_or_path: cannot load 'no-such-org/no-such-model': it is not in the local Hugging Face cache "
+        "and HF_HUB_OFFLINE is set (hint: run once online to download it, or give a local model folder)"
+    )

@@ -132,3 +132,32 @@ def test_dpo_recipe_caches_logps_without_sae(tmp_path, tiny_model_dir, tiny_sae_
     assert len(cache) == 6
     assert cache[0]["chosen_sae_indices"] == [] and cache[0]["chosen_target_values"] == []
     assert cache[0]["ref_chosen_logps"] < 0 and cache[0]["chosen_length"] > 0
+
+
+def test_dpo_ignores_its_sae_section(tmp_path, tiny_model_dir, tiny_sae_dir, pairs_file, monkeypatch):
+    """DPO does not use SAE features: an `sae:` section (here one that does not exist) is
+    neither loaded nor part of the cache's fingerprint."""
+    import fpo_recipes.sae as sae_mod
+    from fpo_recipes.cache import cache_fingerprint
+    from fpo_recipes.stages.precompute import run_precompute
+
+    def dpo(name, sae):
+        data = tiny_recipe_dict(tiny_model_dir, tiny_sae_dir, pairs_file, tmp_path, sae=sae,
+                                objective={"method": "dpo", "beta": 0.1, "alpha": None, "k": 4})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return load_recipe(path)
+
+    recipe = dpo("dpo_sae.yaml", {"path": str(tmp_path / "no_such_sae"), "layer": 1, "hook": "resid_post"})
+    monkeypatch.setattr(sae_mod, "load_saes", lambda *a, **k: pytest.fail("loaded the SAE of a dpo recipe"))
+    run_precompute(recipe, show_progress=False)
+    cache = open_cache(recipe)
+    assert len(cache) == 6 and cache[0]["chosen_sae_indices"] == [] and cache[0]["chosen_target_values"] == []
+    assert read_manifest(split_dir(recipe.cache_dir, "train"))["inputs"]["sae"] == {}
+
+    other_sae = dpo("dpo_other_sae.yaml", {"path": None, "release": "gemma-scope-2b-pt-res-canonical",
+                                           "id": "layer_{layer}/width_16k/canonical", "layer": [0, 2], "hook": "mlp_out"})
+    no_sae = dpo("dpo_no_sae.yaml", None)
+    assert cache_fingerprint(recipe) == cache_fingerprint(other_sae) == cache_fingerprint(no_sae)
+    assert cache_fingerprint(recipe)["sae"] is None
+    assert len(open_cache(other_sae)) == 6  # the same cache serves all three

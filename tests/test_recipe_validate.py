@@ -82,13 +82,16 @@ def test_valid_recipe_summary_line(tmp_path):
         (("  beta: 0.1", "  beta: 0.1\n  gamma: 0.5"), ":12: objective.gamma: applies only to simpo and simpo_kl, not fpo (hint: remove gamma)"),
         (("  name_or_path: google/gemma-2-2b", "  name_or_path: google/gemma-2-2b\n  dtpye: bfloat16"), ":5: model.dtpye: unknown key (did you mean dtype?)"),
         (("  k: 64", "  k: 0"), ":13: objective.k: Input should be greater than or equal to 1"),
-        (("  layer: 25", "  layer: 26"), ":8: sae.layer: layer 26 is past the model's depth (26 layers: 0..25)"),
-        (("  k: 64", "  k: 20000\nprecompute:\n  k_cache: 20000"), ":13: objective.k: 20000 exceeds the SAE width 16384"),
+        (("  layer: 25", "  layer: 26"), ":8: sae.layer: layer 26 is past the model's depth (26 layers: 0..25) (hint: pick a layer below 26, with an SAE trained on it)"),
+        (("  k: 64", "  k: 20000\nprecompute:\n  k_cache: 20000"), ":13: objective.k: 20000 exceeds the SAE width 16384 (hint: objective.k is at most the SAE's number of features)"),
         (("  k: 64", "  k: 64\nprecompute:\n  k_cache: 32"), ":15: precompute.k_cache: 32 must be >= objective.k (64) (hint: the cache stores the reference's top-k_cache features)"),
         (("  name_or_path: google/gemma-2-2b", "  name_or_path: google/gemma-2-2b\n  load_in_4bit: true\n  load_in_8bit: true\n  adapter: lora"), ":6: model.load_in_8bit: cannot be combined with load_in_4bit (hint: choose one bitsandbytes quantisation)"),
         (("  name_or_path: google/gemma-2-2b", "  name_or_path: google/gemma-2-2b\n  lora: {r: 8}"), ":5: model.lora: settings given without adapter: lora (hint: add `adapter: lora` or drop `lora:`)"),
-        (("  method: fpo", "  method: ppo"), ":10: objective.method: Input should be 'fpo', 'dpo', 'simpo', 'tdpo1', 'tdpo2' or 'simpo_kl', got 'ppo'"),
-        (("  layer: 25", "  layer: 25\n  path: /x/params.npz"), ":9: sae.path: give either release + id or path, not both"),
+        (("  method: fpo", "  method: ppo"), ":10: objective.method: Input should be 'dpo', 'simpo', 'tdpo1', 'tdpo2', 'simpo_kl' or 'fpo', got 'ppo'"),
+        (("  layer: 25", "  layer: 25\n  path: /x/params.npz"), ":9: sae.path: give either release + id or path, not both (hint: drop path, or drop release and id)"),
+        (("  name_or_path: google/gemma-2-2b", "  name_or_path: google/gemma-2-2b\n  load_in_4bit: true"), ":3: model.adapter: quantised loading trains only an adapter (hint: add `adapter: lora`)"),
+        (("schema_version: 1", "schema_version: 2"), ":1: schema_version: this fpo-recipes reads schema_version 1, got 2 (hint: use the fpo-recipes release that reads version 2, or port the recipe to version 1)"),
+        (("data:", "constraints:\n  - {name: x, features: [1], features_file: f.txt, weight: 1}\ndata:"), ":15: constraints[0].features: give exactly one of features or features_file (hint: list ids in features, or name a file in features_file)"),
         (("name: t", "name: t\ntrain:\n  batch_size: 32\n  micro_batch_size: 3"), ":5: train.micro_batch_size: batch_size 32 is not a multiple of micro_batch_size 3 (hint: gradient accumulation = batch_size / micro_batch_size must be whole)"),
     ],
 )
@@ -99,16 +102,27 @@ def test_rule_errors_name_file_line_and_field(tmp_path, edit, expected):
 
 
 def test_method_specific_rules(tmp_path):
-    dpo_with_alpha = BASE.replace("  method: fpo", "  method: dpo")
-    assert any("objective.alpha: weighs a constraint term, which dpo does not have" in e for e in errors_of(write(tmp_path, dpo_with_alpha)))
-    tdpo1 = BASE.replace("  method: fpo", "  method: tdpo1")
-    assert any("which tdpo1 does not have" in e for e in errors_of(write(tmp_path, tdpo1)))
-    simpo = BASE.replace("  method: fpo", "  method: simpo").replace("  alpha: 0.5\n", "")
-    assert any("simpo needs gamma" in e for e in errors_of(write(tmp_path, simpo)))
+    dpo_with_alpha = write(tmp_path, BASE.replace("  method: fpo", "  method: dpo"))
+    assert errors_of(dpo_with_alpha) == [
+        f"{dpo_with_alpha}:12: objective.alpha: weighs a constraint term, which dpo does not have "
+        "(hint: remove alpha; it applies to tdpo2, simpo_kl and fpo)"
+    ]
+    # TDPO-1 has a constraint, beta*(SeqKL_l - SeqKL_w); it is just not alpha-weighted
+    tdpo1 = write(tmp_path, BASE.replace("  method: fpo", "  method: tdpo1"))
+    assert errors_of(tdpo1) == [
+        f"{tdpo1}:12: objective.alpha: tdpo1's constraint is not weighted by alpha (hint: remove alpha; it applies to tdpo2, simpo_kl and fpo)"
+    ]
+    simpo = write(tmp_path, BASE.replace("  method: fpo", "  method: simpo").replace("  alpha: 0.5\n", ""))
+    assert errors_of(simpo) == [f"{simpo}:9: objective.gamma: simpo needs gamma, the constant target margin (hint: the paper uses gamma: 0.5)"]
     no_sae = "\n".join(line for line in BASE.splitlines() if not line.startswith(("sae:", "  release", "  id:", "  layer"))) + "\n"
-    assert any(e.endswith("objective.method: fpo needs an `sae:` section (hint: release + id or path, and layer)") for e in errors_of(write(tmp_path, no_sae)))
-    # sae with a baseline is ignored with a warning, not an error
+    no_sae_path = write(tmp_path, no_sae)
+    assert errors_of(no_sae_path) == [f"{no_sae_path}:6: objective.method: fpo needs an `sae:` section (hint: release + id or path, and layer)"]
     dpo = BASE.replace("  method: fpo", "  method: dpo").replace("  alpha: 0.5\n", "")
+    targeted_dpo = write(tmp_path, dpo + "constraints:\n  - {name: x, features: [1], weight: 1}\n", "targeted.yaml")
+    assert errors_of(targeted_dpo) == [
+        f"{targeted_dpo}:16: constraints: feature-level constraints apply only to objective.method fpo, not dpo (hint: remove constraints)"
+    ]
+    # sae with a baseline is ignored with a warning, not an error
     result = runner.invoke(app, ["validate", str(write(tmp_path, dpo))])
     assert result.exit_code == 0
     assert "warning: sae is ignored for objective.method dpo" in result.stderr
@@ -123,6 +137,12 @@ def test_local_model_and_sae_shapes_are_checked(tmp_path, tiny_model_dir, tiny_s
     assert any("sae.layer: layer 3 is past the model's depth (3 layers: 0..2)" in e for e in errors_of(too_deep))
     too_wide = write(tmp_path, ok.replace("k: 8", "k: 200").replace("k_cache: 16", "k_cache: 200"))
     assert any("objective.k: 200 exceeds the SAE width 128" in e for e in errors_of(too_wide))
+    # the schema rule (sae.width) and the shape check (the SAE's cfg.json) agree: said once
+    declared = write(tmp_path, too_wide.read_text().replace("layer: 2", "layer: 2\n  width: 128"), "declared.yaml")
+    assert sum("objective.k: 200 exceeds the SAE width 128" in e for e in errors_of(declared)) == 1
+    # an invalid k_cache is not replaced by its default (256, past this SAE's width) in the shape check
+    bad_cache = write(tmp_path, ok.replace("k_cache: 16", "k_cache: 0"), "bad_cache.yaml")
+    assert errors_of(bad_cache) == [f"{bad_cache}:17: precompute.k_cache: Input should be greater than or equal to 1"]
     gemma_scope_on_tiny = write(tmp_path, base.replace("layer: 25", "layer: 2").replace("layer_25", "layer_2"))
     assert any("SAE input width d_in=2304 does not match the model's hidden size 32" in e for e in errors_of(gemma_scope_on_tiny))
 
@@ -220,6 +240,15 @@ def test_constraints_features_and_files(tmp_path):
     assert r.targeted_features() == {3: 1.5, 5: 0.0, 7: 2.0, 12: 1.5}
     bad = write(tmp_path, text.replace("feats.txt", "missing.txt"), "bad.yaml")
     assert any("constraints[1].features_file:" in e and "does not exist" in e for e in errors_of(bad))
+    (tmp_path / "no_ids.json").write_text(json.dumps({"features": [{"name": "f"}]}))
+    (tmp_path / "torn.json").write_text('{"features": [3,')
+    for name, problem in [("no_ids.json", "expected a list of non-negative ints"),
+                          ("torn.json", "malformed JSON (Expecting value: line 1 column 17 (char 16))")]:  # fmt: skip
+        broken = write(tmp_path, text.replace("found.json", name), "broken.yaml")
+        assert errors_of(broken) == [
+            f"{broken}:20: constraints[2].features_file: features_file {tmp_path / name}: {problem} "
+            "(hint: run `fpo features discover` to write one)"
+        ]
     negative = write(tmp_path, BASE + "constraints:\n  - {name: x, features: [1], weight: -1}\n", "neg.yaml")
     assert any("constraints[0].weight: Input should be greater than or equal to 0" in e for e in errors_of(negative))
 
@@ -238,4 +267,138 @@ def test_multi_layer_sae_sources_and_targeted_ids_are_checked(tmp_path, tiny_mod
     errors = errors_of(write(tmp_path, one_id))
     assert any("sae.id: 'layer_25/width_16k/canonical' names one SAE but sae.layer lists 2 layers" in e for e in errors), errors
     past_width = folder.replace("path: saes", "path: saes/layer_2").replace("layer: 25", "layer: 2") + "constraints:\n  - {name: x, features: [3, 500], weight: 1}\n"
-    assert any("constraints: feature id(s) [500] are past the SAE width 128 (ids are 0..127)" in e for e in errors_of(write(tmp_path, past_width)))
+    assert any("constraints: feature id(s) [500] are past the SAE width 128 (hint: ids are 0..127)" in e for e in errors_of(write(tmp_path, past_width)))
+
+
+# ------------------------------------------------------------------ objective defaults
+
+
+@pytest.mark.parametrize("method, gamma", [("fpo", ""), ("tdpo2", ""), ("simpo_kl", "  gamma: 0.5\n")])
+def test_omitted_alpha_is_the_papers_not_zero(tmp_path, method, gamma):
+    text = BASE.replace("  method: fpo", f"  method: {method}").replace("  alpha: 0.5\n", gamma)
+    r = load_recipe(write(tmp_path, text))
+    assert r.objective.alpha == 0.5 and r.objective_config().alpha == 0.5
+    shown = runner.invoke(app, ["show", str(write(tmp_path, text))])
+    assert yaml.safe_load(shown.stdout)["objective"]["alpha"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["dpo", "tdpo1"])
+def test_alpha_stays_unset_where_nothing_weighs_it(tmp_path, method):
+    r = load_recipe(write(tmp_path, BASE.replace("  method: fpo", f"  method: {method}").replace("  alpha: 0.5\n", "")))
+    assert r.objective.alpha is None
+
+
+def test_objective_defaults_are_objective_configs(tmp_path):
+    from fpo_recipes.objectives import ObjectiveConfig
+
+    bare = BASE.replace("  beta: 0.1\n  alpha: 0.5\n  k: 64\n", "")
+    r = load_recipe(write(tmp_path, bare))
+    assert (r.objective.alpha, r.objective.k, r.objective.pooling, r.objective.stop_gradient) == (0.5, 64, "sum", True)
+    assert r.objective_config() == ObjectiveConfig("fpo", beta=0.1)
+
+
+def test_plain_axolotl_config_without_fpo_alpha_gets_the_same_default():
+    from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+
+    cfg = {
+        "base_model": "google/gemma-2-2b",
+        "plugins": ["fpo_recipes.plugins.fpo.FPOPlugin"],
+        "datasets": [{"path": "org/pairs", "type": "fpo_recipes.plugins.fpo.dataset"}],
+        "micro_batch_size": 1, "gradient_accumulation_steps": 4, "output_dir": "./runs/plain",
+        "fpo_method": "fpo", "fpo_sae_release": "gemma-scope-2b-pt-res-canonical",
+        "fpo_sae_id": "layer_25/width_16k/canonical", "fpo_sae_layers": [25],
+    }  # fmt: skip
+    r = recipe_for_axolotl_cfg(cfg)
+    assert (r.objective.alpha, r.objective.pooling, r.objective_config().alpha) == (0.5, "sum", 0.5)
+
+
+# ------------------------------------------------------------- every problem, one run
+
+
+def test_validate_lists_field_cross_section_and_shape_errors_together(tmp_path):
+    text = (BASE.replace("  alpha: 0.5", "  alhpa: 0.5").replace("layer_25", "layer_26").replace("layer: 25", "layer: 26")
+            + "precompute:\n  k_cache: 32\n")  # fmt: skip
+    path = write(tmp_path, text)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{path}:12: objective.alhpa: unknown key (did you mean alpha?)",
+        f"{path}:18: precompute.k_cache: 32 must be >= objective.k (64) (hint: the cache stores the reference's top-k_cache features)",
+        f"{path}:8: sae.layer: layer 26 is past the model's depth (26 layers: 0..25) (hint: pick a layer below 26, with an SAE trained on it)",
+    ]
+
+
+def test_rules_on_a_section_that_did_not_parse_are_skipped(tmp_path):
+    # precompute is invalid, so k_cache is unknown: no rule may judge its default (256 < k) instead.
+    path = write(tmp_path, BASE.replace("  k: 64", "  k: 20000") + "precompute:\n  k_cache: 0\n")
+    assert errors_of(path) == [
+        f"{path}:18: precompute.k_cache: Input should be greater than or equal to 1",
+        f"{path}:13: objective.k: 20000 exceeds the SAE width 16384 (hint: objective.k is at most the SAE's number of features)",
+    ]
+
+
+def test_non_string_extends(tmp_path):
+    path = write(tmp_path, "extends: [a.yaml]\nname: x\n")
+    assert errors_of(path) == [
+        f"{path}:1: extends: must be a path to a base recipe, got a list (hint: e.g. extends: gemma2-2b-fpo.yaml, relative to this file)"
+    ]
+
+
+# ------------------------------------------------- unreadable inputs: one line, no traceback
+
+
+def validate_one_line(path: Path) -> str:
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception  # not a crash
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_non_utf8_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    assert validate_one_line(path) == f"{path}: is not UTF-8 text (byte 0xe9 at offset 9) (hint: save the recipe as UTF-8)"
+
+
+def test_unreadable_recipe(tmp_path, monkeypatch):
+    path = write(tmp_path, BASE)
+    read_text = Path.read_text
+
+    def denied(self, *args, **kwargs):  # chmod 000 does not stop root, so refuse here
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert validate_one_line(path) == f"{path}: cannot be read: Permission denied (hint: check the file's permissions)"
+
+
+def test_corrupt_local_params_npz(tmp_path):
+    (tmp_path / "params.npz").write_bytes(b"not a zip archive")
+    path = write(tmp_path, BASE.replace("  release: gemma-scope-2b-pt-res-canonical\n  id: layer_25/width_16k/canonical\n", "  path: params.npz\n"))
+    assert validate_one_line(path) == (
+        f"{path}:6: sae.path: {tmp_path / 'params.npz'} is not a readable .npz archive (File is not a zip file) "
+        "(hint: the SAE files are damaged; save or download them again)"
+    )
+
+
+def test_malformed_sae_cfg_json(tmp_path):
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "cfg.json").write_text('{"d_in": 32,')
+    path = write(tmp_path, BASE.replace("  release: gemma-scope-2b-pt-res-canonical\n  id: layer_25/width_16k/canonical\n", "  path: ./sae\n"))
+    assert validate_one_line(path) == (
+        f"{path}:6: sae.path: {tmp_path / 'sae' / 'cfg.json'} is not readable JSON "
+        "(Expecting property name enclosed in double quotes: line 1 column 13 (char 12)) "
+        "(hint: the SAE files are damaged; save or download them again)"
+    )
+
+
+def test_malformed_model_config_json(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("num_hidden_layers = 26")
+    path = write(tmp_path, BASE.replace("google/gemma-2-2b", "./model"))
+    assert validate_one_line(path) == (
+        f"{path}:4: model.name_or_path: {tmp_path / 'model' / 'config.json'} is not readable JSON "
+        "(Expecting value: line 1 column 1 (char 0)) (hint: the model folder needs the Hugging Face config.json it was saved with)"
+    )

@@ -47,6 +47,13 @@ def test_mlp_out_hook_is_post_feedforward_norm_output(model):
     assert len(block.post_feedforward_layernorm._forward_hooks) == 0  # removed on exit
 
 
+def test_hook_past_the_last_layer_names_sae_layer(model):
+    from fpo_recipes.sae import SAECompatError
+
+    with pytest.raises(SAECompatError, match=r"^sae\.layer: layer 3 is past the model's depth \(3 layers: 0\.\.2\) \(hint: "):
+        hook_module(model, 3, "resid_post")
+
+
 def test_llama_mlp_out_uses_mlp_module(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

@@ -99,7 +99,7 @@ def test_layer_past_depth_fails_before_loading_anything(write_recipe, tmp_path, 
     recipe = load_recipe(write_recipe(sae={"layer": 5}))
     _no_model_loading(monkeypatch)
     monkeypatch.setattr(sae_mod, "load_saes", lambda *a, **k: pytest.fail("SAEs loaded before the depth check"))
-    with pytest.raises(SAECompatError, match=r"sae\.layer: 5 is past the model's depth \(3 layers: 0\.\.2\)"):
+    with pytest.raises(SAECompatError, match=r"sae\.layer: layer 5 is past the model's depth \(3 layers: 0\.\.2\)"):
         run_precompute(recipe, show_progress=False)
     assert not (tmp_path / "cache").exists()
 
@@ -111,3 +111,25 @@ def test_feature_ids_past_width_are_named(write_recipe, monkeypatch):
     _no_model_loading(monkeypatch)
     with pytest.raises(SAECompatError, match=r"constraints: feature id\(s\) \[500\]"):
         run_precompute(recipe, show_progress=False)
+
+
+def test_depth_and_width_problems_are_worded_once():
+    from fpo_recipes.sae import layer_depth_problem, sae_width_problems
+
+    assert layer_depth_problem(2, 3) is None and layer_depth_problem(0, 1) is None
+    assert layer_depth_problem(3, 3) == "layer 3 is past the model's depth (3 layers: 0..2) (hint: pick a layer below 3, with an SAE trained on it)"
+    assert layer_depth_problem(-1, 3) is not None
+    assert sae_width_problems(128, [3, 127], k_cache=128, k=128) == []
+    assert sae_width_problems(16, [3, 20, 16], k_cache=32, k=17) == [
+        ("objective.k", "17 exceeds the SAE width 16 (hint: objective.k is at most the SAE's number of features)"),
+        ("precompute.k_cache", "32 exceeds the SAE width 16 (hint: precompute.k_cache is at most the SAE's number of features)"),
+        ("constraints", "feature id(s) [16, 20] are past the SAE width 16 (hint: ids are 0..15)"),
+    ]
+
+
+def test_k_cache_past_width_names_the_layer(tiny_sae_dir):
+    from fpo_recipes.sae import check_feature_ids
+
+    sae = load_sae_from_path(tiny_sae_dir)
+    with pytest.raises(SAECompatError, match=r"^precompute\.k_cache: 200 exceeds the SAE width 128 \(hint: "):
+        check_feature_ids({1: sae}, [3], k_cache=200)

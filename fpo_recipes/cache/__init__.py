@@ -8,7 +8,7 @@ which refuses a cache built from other inputs.
 
 from fpo_recipes.cache.errors import CacheCorruptError, CacheError, CacheMismatchError, CacheMissingError
 from fpo_recipes.cache.fingerprint import FORMAT_VERSION, cache_fingerprint, diff_fingerprints
-from fpo_recipes.cache.store import COLUMNS, SCHEMA, align_to_pairs, open_cache, open_split, read_manifest, split_dir
+from fpo_recipes.cache.store import COLUMNS, SCHEMA, open_cache, open_split, read_manifest, split_dir
 
 __all__ = [
     "COLUMNS",
@@ -18,7 +18,6 @@ __all__ = [
     "CacheError",
     "CacheMismatchError",
     "CacheMissingError",
-    "align_to_pairs",
     "cache_fingerprint",
     "diff_fingerprints",
     "open_cache",

@@ -5,7 +5,8 @@ cache, 32 in the recipe". Local files are fingerprinted by content only (a sampl
 that survives copies and moved folders but notices re-training or re-export); hub names
 by name + revision.
 Inputs that do not change the cached values are left out on purpose: beta, alpha, k
-(k <= k_cache reuses the cache) and constraint weights (only the targeted ids matter).
+(k <= k_cache reuses the cache) and constraint weights (only the targeted ids matter), and
+the whole ``sae`` section for methods that do not use SAE features (DPO, SimPO, TDPO).
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ def cache_fingerprint(recipe, split: str = "train") -> dict[str, Any]:
         "data.max_prompt_length": recipe.data.max_prompt_length,
         "sae": None,
     }
-    if recipe.sae is not None:
+    from fpo_recipes.sae import uses_sae
+
+    if uses_sae(recipe):  # an `sae:` section other methods ignore must not split their cache
         del fp["sae"]
         fp.update(_sae_fingerprint(recipe))
     if split == "eval" and recipe.data.eval is not None:

@@ -136,18 +136,29 @@ def read_shard(pdir: Path, index: int) -> pa.Table:
 
 
 def begin_partial(sdir: Path, fingerprint: dict[str, Any]) -> Path:
-    """Create (or reuse) the partial build folder for ``fingerprint``; refuse a foreign one."""
+    """Create (or reuse) the partial build folder for ``fingerprint``; refuse a foreign one,
+    and one whose inputs cannot be read (its shards may come from another model or SAE)."""
     pdir = partial_dir(sdir)
     fp_file = pdir / "fingerprint.json"
+
+    def unmatched(why: str) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"{fp_file} {why}, so the shards of the interrupted precompute in {sdir} cannot be matched to "
+            "their inputs (hint: `fpo precompute RECIPE --force` discards them and rebuilds)", str(fp_file))
+
     if fp_file.exists():
         try:
             previous = json.loads(fp_file.read_text())
-        except ValueError:
-            previous = None
-        if previous is not None and previous != fingerprint:
+        except (OSError, ValueError) as exc:
+            raise unmatched(f"is unreadable ({exc})") from exc
+        if not isinstance(previous, dict):
+            raise unmatched("is not a fingerprint")
+        if previous != fingerprint:
             raise _mismatch(previous, fingerprint, f"an interrupted precompute in {sdir}")
-        if previous is not None:
-            return pdir
+        return pdir
+    # fingerprint.json is written before any shard: shards without it have unknown inputs.
+    if any(p.is_file() for sub in ("shards", "progress") for p in (pdir / sub).glob("*")):
+        raise unmatched("is missing")
     atomic_write_json(fp_file, fingerprint)
     return pdir
 
@@ -290,20 +301,3 @@ def open_cache(recipe, split: str = "train", verify: bool = True):
     from fpo_recipes.cache.fingerprint import cache_fingerprint
 
     return open_split(split_dir(recipe.cache_dir, split), cache_fingerprint(recipe, split), verify)
-
-
-def align_to_pairs(cache_ds, pair_ids: list[str]):
-    """Cache rows reordered to follow ``pair_ids`` (the training data's order); raises
-    CacheMismatchError if a pair has no cached row (the data changed under the cache)."""
-    index: dict[str, int] = {}
-    for i, pid in enumerate(cache_ds["pair_id"]):
-        index.setdefault(pid, i)
-    missing = [pid for pid in pair_ids if pid not in index]
-    if missing:
-        raise CacheMismatchError(
-            f"{len(missing)} of {len(pair_ids)} pairs are not in the reference cache (first: {missing[0]}); "
-            "the data or its templating changed (hint: `fpo precompute RECIPE --force`)",
-            ["data"],
-        )
-    order = [index[pid] for pid in pair_ids]
-    return cache_ds if order == list(range(len(cache_ds))) else cache_ds.select(order)

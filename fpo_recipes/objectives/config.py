@@ -1,4 +1,7 @@
-"""Hyper-parameters of a preference objective."""
+"""Hyper-parameters of a preference objective.
+
+The defaults here are the only ones: the recipe schema (``objective:``) reads them too.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,12 @@ from dataclasses import dataclass
 from .registry import get_method
 
 POOLING_MODES: tuple[str, ...] = ("mean", "sum")
+
+DEFAULT_ALPHA = 0.5  # the paper's α for FPO (and TDPO-2's)
+DEFAULT_K = 64
+# The authors' code sums over response tokens (Eq. 10); the paper's text says average.
+DEFAULT_POOLING = "sum"
+DEFAULT_STOP_GRADIENT = True
 
 
 @dataclass(frozen=True)
@@ -24,11 +33,11 @@ class ObjectiveConfig:
 
     method: str
     beta: float
-    alpha: float = 0.5
+    alpha: float = DEFAULT_ALPHA
     gamma: float = 0.0
-    k: int = 64
-    pooling: str = "mean"
-    stop_gradient: bool = True
+    k: int = DEFAULT_K
+    pooling: str = DEFAULT_POOLING
+    stop_gradient: bool = DEFAULT_STOP_GRADIENT
 
     def __post_init__(self) -> None:
         get_method(self.method)  # ValueError listing valid names

@@ -60,17 +60,11 @@ class ObjectiveOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-_SOURCES = {
-    "ref_chosen_logps": ("from the reference cache", "from the online reference model"),
-    "ref_rejected_logps": ("from the reference cache", "from the online reference model"),
-}
-
-
 def _require(spec: MethodSpec, batch: PreferenceBatch, name: str) -> torch.Tensor:
     value = getattr(batch, name)
     if value is None:
         if name.startswith("ref_"):
-            source = _SOURCES[name][1] if spec.needs_online_reference else _SOURCES[name][0]
+            source = "from the online reference model" if spec.needs_online_reference else "from the reference cache"
         elif spec.constraint == "feature":
             source = "D(x, y) from the SAE feature divergence, see objectives.feature_divergence"
         else:
@@ -116,17 +110,15 @@ def compute_objective(cfg: ObjectiveConfig, batch: PreferenceBatch) -> Objective
 
     # margin
     ref_w = ref_l = None
-    if spec.margin in ("reference", "reference_ln"):
+    if spec.needs_reference_logps:
         ref_w = _as_float(_require(spec, batch, "ref_chosen_logps"), "ref_chosen_logps", shape).detach()
         ref_l = _as_float(_require(spec, batch, "ref_rejected_logps"), "ref_rejected_logps", shape).detach()
     if spec.margin == "reference":
         margin = beta * (ref_w - ref_l)
     elif spec.margin == "reference_ln":
         margin = beta * ref_w / len_w - beta * ref_l / len_l
-    elif spec.margin == "gamma":
+    else:  # gamma
         margin = torch.full_like(lpd, float(cfg.gamma)).detach()
-    else:
-        margin = torch.zeros_like(lpd).detach()
 
     # constraint
     div_w = div_l = None

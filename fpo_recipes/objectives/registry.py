@@ -20,13 +20,13 @@ and differs only in how the three terms are built (SPEC §1):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-MarginKind = Literal["reference", "reference_ln", "gamma", "none"]
+MarginKind = Literal["reference", "reference_ln", "gamma"]
 ConstraintKind = Literal["none", "seqkl_tdpo1", "seqkl_tdpo2", "feature"]
 
-MARGIN_KINDS: tuple[str, ...] = ("reference", "reference_ln", "gamma", "none")
-CONSTRAINT_KINDS: tuple[str, ...] = ("none", "seqkl_tdpo1", "seqkl_tdpo2", "feature")
+MARGIN_KINDS: tuple[str, ...] = get_args(MarginKind)
+CONSTRAINT_KINDS: tuple[str, ...] = get_args(ConstraintKind)
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,14 @@ class MethodSpec:
 
     - ``length_normalised``: LPD uses β/|y|·logπθ(y) instead of β·logπθ(y).
     - ``margin``: ``reference`` = β·(logπref(y_w) − logπref(y_l)); ``reference_ln`` =
-      β/|y_w|·logπref(y_w) − β/|y_l|·logπref(y_l); ``gamma`` = the constant γ; ``none`` = 0.
+      β/|y_w|·logπref(y_w) − β/|y_l|·logπref(y_l); ``gamma`` = the constant γ.
     - ``constraint``: ``seqkl_tdpo1`` = β·(SeqKL(y_l) − SeqKL(y_w));
       ``seqkl_tdpo2`` = α·(β·SeqKL(y_l) − sg(β·SeqKL(y_w)));
       ``feature`` = α·(β·D(y_l) − sg(β·D(y_w))); ``none`` = 0.
     - ``needs_online_reference``: the reference model runs during training (full distributions).
     - ``needs_cached_logps``: the reference's summed response log-probs come from the offline cache.
-    - ``needs_sae``: the policy's SAE activations are needed at train time.
+    - ``needs_sae``: the policy's SAE activations are needed at train time (and a recipe
+      needs an ``sae:`` section; only such methods take feature-level ``constraints:``).
     """
 
     name: str
@@ -65,22 +66,14 @@ class MethodSpec:
         return self.margin in ("reference", "reference_ln")
 
     @property
-    def has_constraint(self) -> bool:
-        return self.constraint != "none"
-
-    @property
     def uses_alpha(self) -> bool:
-        """α scales the constraint (TDPO-2 style constraints only)."""
+        """α scales the constraint (TDPO-2 style constraints only; TDPO-1's is unweighted)."""
         return self.constraint in ("seqkl_tdpo2", "feature")
 
     @property
     def uses_gamma(self) -> bool:
+        """The margin is the constant γ (which the recipe must then give)."""
         return self.margin == "gamma"
-
-    @property
-    def uses_stop_gradient(self) -> bool:
-        """Whether ``stop_gradient`` has any effect (sg on the chosen side's constraint)."""
-        return self.constraint in ("seqkl_tdpo2", "feature")
 
 
 METHODS: dict[str, MethodSpec] = {

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from fpo_recipes.hooks import _first_tensor as first_tensor, hook_module  # TODO-lead: rename in hooks
+from fpo_recipes.hooks import first_tensor, hook_module
 
 TRAINING_FILE = "fpo_sae_training.json"
 FINGERPRINT_VERSION = 2  # 2: features kept at the normalised scale

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fpo_recipes.objectives.registry import METHODS
 from fpo_recipes.recipe.features_file import read_features_file
 from fpo_recipes.recipe.loader import RecipeIssue, origin_of
 from fpo_recipes.recipe.sae_sources import SAECompatError, sae_sources
 from fpo_recipes.recipe.schema import Recipe
-from fpo_recipes.recipe.shapes import model_shape, sae_shape_from_path, sae_shape_from_release
+from fpo_recipes.recipe.shapes import ShapeFileError, model_shape, sae_shape_from_path, sae_shape_from_release
 
 
 def _issue(recipe: Recipe, loc: tuple, message: str) -> RecipeIssue:
@@ -23,40 +24,52 @@ def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).suffix in {".npz", ".json", ".jsonl", ".parquet", ".csv"}
 
 
-def check_recipe(recipe: Recipe) -> list[RecipeIssue]:
-    """Every cross-check we can make offline; an empty list means the recipe is sound."""
+def check_recipe(recipe: Recipe, unparsed: frozenset[str] = frozenset()) -> list[RecipeIssue]:
+    """Every cross-check we can make offline; an empty list means the recipe is sound.
+
+    ``unparsed``: sections of a partial recipe that failed validation; checks reading them
+    are skipped (see loader.parse_recipe)."""
     issues: list[RecipeIssue] = []
-    issues += _check_files(recipe)
-    if recipe.objective.method == "fpo" and recipe.sae is not None:
-        issues += _check_sae_shapes(recipe)
+    issues += _check_files(recipe, unparsed)
+    if not {"objective", "sae"} & unparsed and METHODS[recipe.objective.method].needs_sae and recipe.sae is not None:
+        issues += _check_sae_shapes(recipe, unparsed)
     return issues
 
 
-def _check_files(recipe: Recipe) -> list[RecipeIssue]:
+def _check_files(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
     issues = []
-    for i, c in enumerate(recipe.constraints):
+    for i, c in enumerate(recipe.constraints if "constraints" not in unparsed else []):
         if c.features_file is None:
             continue
         try:
             read_features_file(recipe.resolve_input(c.features_file))
         except (OSError, ValueError) as exc:
             issues.append(_issue(recipe, ("constraints", i, "features_file"), f"{exc} (hint: run `fpo features discover` to write one)"))
-    sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
+    sources = []
+    if "data" not in unparsed:
+        sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
     for split, source in sources:
         resolved = recipe.resolve_input(source.path)
         if _looks_local(source.path) and not Path(resolved).exists():
-            issues.append(_issue(recipe, ("data", split, "path"), f"{resolved} does not exist"))
+            issues.append(_issue(recipe, ("data", split, "path"),
+                f"{resolved} does not exist (hint: relative paths are read from the recipe's folder)"))
     return issues
 
 
-def _check_sae_shapes(recipe: Recipe) -> list[RecipeIssue]:
-    sae, issues = recipe.sae, []
-    model = model_shape(recipe.resolve_input(recipe.model.name_or_path))
+def _check_sae_shapes(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
+    # Imported here: fpo_recipes.sae imports this package. Its messages are the ones training says.
+    from fpo_recipes.sae import layer_depth_problem
+
+    sae, issues, model = recipe.sae, [], None
+    if "model" not in unparsed:
+        try:
+            model = model_shape(recipe.resolve_input(recipe.model.name_or_path))
+        except ShapeFileError as exc:
+            issues.append(_issue(recipe, ("model", "name_or_path"),
+                f"{exc} (hint: the model folder needs the Hugging Face config.json it was saved with)"))
     if model is not None:
-        for layer in sae.layers:
-            if layer >= model.num_layers:
-                issues.append(_issue(recipe, ("sae", "layer"),
-                    f"layer {layer} is past the model's depth ({model.num_layers} layers: 0..{model.num_layers - 1})"))
+        problems = (layer_depth_problem(layer, model.num_layers) for layer in sae.layers)
+        issues += [_issue(recipe, ("sae", "layer"), problem) for problem in problems if problem]
     try:
         sources = sae_sources(recipe)
     except SAECompatError as exc:
@@ -68,37 +81,43 @@ def _check_sae_shapes(recipe: Recipe) -> list[RecipeIssue]:
             # A missing SAE is fine when a stage will create it (the quickstart trains one).
             if not path.exists():
                 continue
-            shape = sae_shape_from_path(str(path))
+            try:
+                shape = sae_shape_from_path(str(path))
+            except ShapeFileError as exc:
+                issues.append(_issue(recipe, ("sae", "path"), f"{exc} (hint: the SAE files are damaged; save or download them again)"))
+                continue
             if shape is None:
                 issues.append(_issue(recipe, ("sae", "path"),
-                    f"{path} is neither a sae-lens directory (cfg.json) nor a Gemma Scope params.npz"))
+                    f"{path} is neither a sae-lens directory (cfg.json) nor a Gemma Scope params.npz "
+                    "(hint: point sae.path at a sae-lens folder or at a params.npz)"))
                 continue
         else:
             shape = sae_shape_from_release(source["release"], source["id"])
             if shape is None:
                 continue
-        issues += _check_one_sae(recipe, model, layer, shape)
+        issues += _check_one_sae(recipe, model, layer, shape, unparsed)
     return list(dict.fromkeys(issues))  # one SAE per layer may repeat a width problem
 
 
-def _check_one_sae(recipe: Recipe, model, layer: int, shape) -> list[RecipeIssue]:
+def _check_one_sae(recipe: Recipe, model, layer: int, shape, unparsed: frozenset[str]) -> list[RecipeIssue]:
+    from fpo_recipes.sae import sae_width_problems  # (see _check_sae_shapes)
+
     sae, issues = recipe.sae, []
     if shape.layer is not None and shape.layer != layer:
         issues.append(_issue(recipe, ("sae", "layer"),
             f"{layer} does not match the SAE id, which names layer {shape.layer} (hint: use one SAE per layer)"))
     width = shape.d_sae or sae.width
-    if width is not None and recipe.objective.k > width:
-        issues.append(_issue(recipe, ("objective", "k"), f"{recipe.objective.k} exceeds the SAE width {width}"))
-    if width is not None and recipe.precompute.k_cache > width:
-        issues.append(_issue(recipe, ("precompute", "k_cache"), f"{recipe.precompute.k_cache} exceeds the SAE width {width}"))
-    try:
-        bad = sorted(f for f in recipe.targeted_features() if width is not None and f >= width)
-    except (OSError, ValueError):
-        bad = []  # an unreadable features_file is reported by _check_files
-    if bad:
-        issues.append(_issue(recipe, ("constraints",), f"feature id(s) {bad} are past the SAE width {width} (ids are 0..{width - 1})"))
+    if width is not None:
+        try:
+            targeted = recipe.targeted_features() if "constraints" not in unparsed else {}
+        except (OSError, ValueError):
+            targeted = {}  # an unreadable features_file is reported by _check_files
+        k_cache = recipe.precompute.k_cache if "precompute" not in unparsed else None
+        for field, message in sae_width_problems(width, targeted, k_cache=k_cache, k=recipe.objective.k):
+            issues.append(_issue(recipe, tuple(field.split(".")), message))
     if sae.width is not None and shape.d_sae is not None and sae.width != shape.d_sae:
-        issues.append(_issue(recipe, ("sae", "width"), f"{sae.width} but the SAE has width {shape.d_sae}"))
+        issues.append(_issue(recipe, ("sae", "width"),
+            f"{sae.width} but the SAE has width {shape.d_sae} (hint: sae.width: {shape.d_sae}, or drop it)"))
     if model is not None and shape.d_in is not None and shape.d_in != model.hidden_size:
         issues.append(_issue(recipe, ("sae",),
             f"SAE input width d_in={shape.d_in} does not match the model's hidden size {model.hidden_size} "

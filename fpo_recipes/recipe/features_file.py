@@ -14,12 +14,19 @@ def read_features_file(path: str | Path) -> list[int]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"features_file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"features_file {path} is not UTF-8 text") from None
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"features_file {path}: malformed JSON ({exc})") from None
         if isinstance(data, dict):
             data = data.get("features")
-            data = [f["id"] if isinstance(f, dict) else f for f in data or []]
+            if isinstance(data, list):
+                data = [f.get("id") if isinstance(f, dict) else f for f in data]
         if not isinstance(data, list) or not all(isinstance(i, int) and i >= 0 for i in data):
             raise ValueError(f"features_file {path}: expected a list of non-negative ints")
         return data

@@ -3,15 +3,17 @@ at `file:line: field.path: message (hint)` instead of a traceback."""
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from fpo_recipes.recipe.schema import Recipe
+from fpo_recipes.objectives.registry import METHODS
+from fpo_recipes.recipe.schema import Recipe, methods_where
 
 Loc = tuple[str | int, ...]
 
@@ -61,7 +63,14 @@ def _read_document(path: Path) -> _Document:
         raise RecipeError([RecipeIssue(shown, None, "", "file not found")])
     if path.is_dir():
         raise RecipeError([RecipeIssue(shown, None, "", "is a directory, expected a recipe YAML file")])
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([RecipeIssue(shown, None, "",
+            f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}) (hint: save the recipe as UTF-8)")]) from None
+    except OSError as exc:
+        raise RecipeError([RecipeIssue(shown, None, "",
+            f"cannot be read: {exc.strerror or exc} (hint: check the file's permissions)")]) from None
     if not text.strip():
         raise RecipeError([RecipeIssue(shown, None, "", "file is empty (hint: start from recipes/gemma2-2b-fpo.yaml)")])
     try:
@@ -104,7 +113,9 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> _Document:
         return doc
     if not isinstance(base_ref, str):
         file, line = doc.origins.get(("extends",), (str(path), None))
-        raise RecipeError([RecipeIssue(file, line, "extends", "must be a path to a base recipe")])
+        raise RecipeError([RecipeIssue(file, line, "extends",
+            f"must be a path to a base recipe, got a {type(base_ref).__name__} "
+            "(hint: e.g. extends: gemma2-2b-fpo.yaml, relative to this file)")])
     base_path = path.parent / base_ref
     if not base_path.exists():
         file, line = doc.origins[("extends",)]
@@ -182,27 +193,66 @@ def issue_from_error(err: dict, origins: dict[Loc, tuple[str, int]], default_fil
     return RecipeIssue(file, line, field_path(loc), message)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, merge and validate a recipe file; raise RecipeError listing every problem."""
+def _drop_key(data: Any, loc: Loc) -> None:
+    """Delete the key an error location ends in (steps that are no key, union branch names, are skipped)."""
+    for part in loc[:-1]:
+        if (isinstance(data, dict) and part in data) or (isinstance(data, list) and isinstance(part, int) and part < len(data)):
+            data = data[part]
+    if isinstance(data, dict):
+        data.pop(loc[-1], None)
+
+
+def _partial_recipe(data: dict[str, Any], errors: list[dict]) -> tuple[Recipe, frozenset[str]]:
+    """The sections that validate on their own once unknown keys are dropped (an unknown key
+    changes nothing else), built into a Recipe without validation, and the names of the
+    sections that do not. Lets the cross-section and shape checks judge what did parse."""
+    pruned = copy.deepcopy(data)
+    for err in errors:
+        if err["type"] == "extra_forbidden":
+            _drop_key(pruned, err["loc"])
+    sections, unparsed = {}, set()
+    for name, field in Recipe.model_fields.items():
+        if name not in pruned:
+            if field.is_required():
+                unparsed.add(name)
+            continue
+        try:
+            sections[name] = TypeAdapter(Annotated[field.annotation, field]).validate_python(pruned[name])
+        except ValidationError:
+            unparsed.add(name)
+    return Recipe.model_construct(**sections), frozenset(unparsed)
+
+
+def parse_recipe(path: str | Path) -> tuple[Recipe, frozenset[str], list[RecipeIssue]]:
+    """Read, merge and validate a recipe file, collecting every field and cross-section problem.
+
+    Returns (recipe, unparsed, issues). With field errors the recipe is partial: the sections
+    named in ``unparsed`` failed and hold no values. Unreadable files and broken ``extends``
+    raise RecipeError at once (there is nothing further to check)."""
     path = Path(path)
     doc = _resolve(path, ())
+    issues: list[RecipeIssue] = []
     try:
-        recipe = Recipe.model_validate(doc.data, context={"defer_cross_checks": True})
+        recipe, unparsed = Recipe.model_validate(doc.data, context={"defer_cross_checks": True}), frozenset()
     except ValidationError as exc:
-        seen, issues = set(), []
-        for err in exc.errors():
-            issue = issue_from_error(err, doc.origins, str(path))
-            if (issue.field, issue.message) not in seen:
-                seen.add((issue.field, issue.message))
-                issues.append(issue)
-        raise RecipeError(issues) from None
+        errors = exc.errors()
+        issues = list(dict.fromkeys(issue_from_error(err, doc.origins, str(path)) for err in errors))
+        recipe, unparsed = _partial_recipe(doc.data, errors)
     recipe._source_path = path.resolve()
     recipe._origins = doc.origins
-    problems = recipe.cross_section_problems()
-    if problems:
-        raise RecipeError([RecipeIssue(*origin_of(recipe, loc), field_path(loc), msg) for loc, msg in problems])
-    if recipe.sae is not None and recipe.objective.method != "fpo":
-        recipe._warnings.append(f"sae is ignored for objective.method {recipe.objective.method} (only fpo uses SAE features)")
+    issues += [RecipeIssue(*origin_of(recipe, loc), field_path(loc), msg) for loc, msg in recipe.cross_section_problems(unparsed)]
+    if not issues and recipe.sae is not None and not METHODS[recipe.objective.method].needs_sae:
+        recipe._warnings.append(
+            f"sae is ignored for objective.method {recipe.objective.method} (only {methods_where('needs_sae')} uses SAE features)"
+        )
+    return recipe, unparsed, issues
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, merge and validate a recipe file; raise RecipeError listing every problem."""
+    recipe, _, issues = parse_recipe(path)
+    if issues:
+        raise RecipeError(issues)
     return recipe
 
 

@@ -11,14 +11,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
+from fpo_recipes.objectives.config import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_POOLING, DEFAULT_STOP_GRADIENT, POOLING_MODES
+from fpo_recipes.objectives.registry import METHODS
+
 SCHEMA_VERSION = 1
 
-Method = Literal["fpo", "dpo", "simpo", "tdpo1", "tdpo2", "simpo_kl"]
+# Which method takes alpha, gamma or an SAE is the registry's to say (MethodSpec), not ours.
+Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 Dtype = Literal["float32", "bfloat16", "float16"]
-
-# Which methods carry a constraint term (alpha applies) and which a constant margin (gamma).
-CONSTRAINED_METHODS = {"fpo", "tdpo2", "simpo_kl"}
-GAMMA_METHODS = {"simpo", "simpo_kl"}
 OPTIMIZERS = (
     "adamw_torch",
     "adamw",
@@ -32,6 +32,14 @@ OPTIMIZERS = (
     "rmsprop_bnb_8bit",
     "paged_adamw",
 )
+
+
+def methods_where(flag: str) -> str:
+    """The methods whose MethodSpec has ``flag`` set, for messages: 'a, b and c'."""
+    names = [name for name, spec in METHODS.items() if getattr(spec, flag)]
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
 METRICS = ("preference_accuracy", "seq_kl", "feature_mse", "entropy", "targeted_shift", "answer_accuracy", "win_rate")
 
 
@@ -86,18 +94,18 @@ class SAESpec(Section):
     def _layers_non_negative(cls, v):
         layers = v if isinstance(v, list) else [v]
         if not layers:
-            raise ValueError("at least one layer is needed")
+            raise ValueError("at least one layer is needed (hint: e.g. layer: 25, or layer: [12, 25])")
         if any(layer < 0 for layer in layers):
-            raise ValueError("layers are 0-based and non-negative")
+            raise ValueError("layers are 0-based and non-negative (hint: the first decoder layer is 0)")
         if len(set(layers)) != len(layers):
-            raise ValueError("a layer is listed twice")
+            raise ValueError("a layer is listed twice (hint: list each layer once)")
         return v
 
     @model_validator(mode="after")
     def _one_source(self) -> SAESpec:
         has_pretrained = self.release is not None or self.id is not None
         if has_pretrained and self.path is not None:
-            raise ValueError("path: give either release + id or path, not both")
+            raise ValueError("path: give either release + id or path, not both (hint: drop path, or drop release and id)")
         if has_pretrained and (self.release is None or self.id is None):
             raise ValueError("id: release and id go together (hint: e.g. release: gemma-scope-2b-pt-res-canonical, id: layer_25/width_16k/canonical)")
         if not has_pretrained and self.path is None:
@@ -110,25 +118,39 @@ class SAESpec(Section):
 
 
 class ObjectiveSpec(Section):
+    # alpha, k, pooling and stop_gradient default to ObjectiveConfig's values, so the two agree.
     method: Method
     beta: float = Field(0.1, gt=0)
-    alpha: float | None = Field(None, ge=0)
+    alpha: float | None = Field(
+        None, ge=0, description=f"constraint weight; defaults to {DEFAULT_ALPHA} for methods whose constraint it weighs"
+    )
     gamma: float | None = None
-    k: int = Field(64, ge=1, description="features per sequence in the top-k union")
-    # The authors' code sums over response tokens (Eq. 10); the text says average.
-    pooling: Literal["mean", "sum"] = "sum"
-    stop_gradient: bool = True
+    k: int = Field(DEFAULT_K, ge=1, description="features per sequence in the top-k union")
+    pooling: Literal[POOLING_MODES] = DEFAULT_POOLING  # type: ignore[valid-type]
+    stop_gradient: bool = DEFAULT_STOP_GRADIENT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_alpha(cls, data: Any) -> Any:
+        # Filled in here (not left None) so that an omitted alpha never trains with alpha = 0,
+        # and `fpo show` and the Axolotl export write the value used.
+        if isinstance(data, dict) and data.get("alpha") is None and isinstance(data.get("method"), str):
+            spec = METHODS.get(data["method"])
+            if spec is not None and spec.uses_alpha:
+                return {**data, "alpha": DEFAULT_ALPHA}
+        return data
 
     @model_validator(mode="after")
     def _method_rules(self) -> ObjectiveSpec:
-        if self.gamma is not None and self.method not in GAMMA_METHODS:
-            raise ValueError(f"gamma: applies only to simpo and simpo_kl, not {self.method} (hint: remove gamma)")
-        if self.method in GAMMA_METHODS and self.gamma is None:
+        spec = METHODS[self.method]
+        if self.gamma is not None and not spec.uses_gamma:
+            raise ValueError(f"gamma: applies only to {methods_where('uses_gamma')}, not {self.method} (hint: remove gamma)")
+        if spec.uses_gamma and self.gamma is None:
             raise ValueError(f"gamma: {self.method} needs gamma, the constant target margin (hint: the paper uses gamma: 0.5)")
-        if self.alpha is not None and self.method not in CONSTRAINED_METHODS:
-            raise ValueError(
-                f"alpha: weighs a constraint term, which {self.method} does not have (hint: remove alpha; it applies to fpo, tdpo2, simpo_kl)"
-            )
+        if self.alpha is not None and not spec.uses_alpha:
+            problem = (f"weighs a constraint term, which {self.method} does not have" if spec.constraint == "none"
+                       else f"{self.method}'s constraint is not weighted by alpha")  # tdpo1: beta*(SeqKL_l - SeqKL_w)
+            raise ValueError(f"alpha: {problem} (hint: remove alpha; it applies to {methods_where('uses_alpha')})")
         return self
 
 
@@ -141,9 +163,11 @@ class Constraint(Section):
     @model_validator(mode="after")
     def _one_source(self) -> Constraint:
         if (self.features is None) == (self.features_file is None):
-            raise ValueError("features: give exactly one of features or features_file")
+            raise ValueError(
+                "features: give exactly one of features or features_file (hint: list ids in features, or name a file in features_file)"
+            )
         if self.features is not None and any(f < 0 for f in self.features):
-            raise ValueError("features: feature ids are non-negative")
+            raise ValueError("features: feature ids are non-negative (hint: SAE feature ids run 0..width-1)")
         return self
 
 
@@ -240,6 +264,11 @@ class EvaluateSpec(Section):
         return self
 
 
+def k_past_width(k: int, width: int) -> str:
+    """The message for objective.k > SAE width (said from the schema and from the shape checks)."""
+    return f"{k} exceeds the SAE width {width} (hint: objective.k is at most the SAE's number of features)"
+
+
 class ModelRef(BaseModel):
     """The reference model, resolved: the `reference` section or else the policy's start."""
 
@@ -271,7 +300,10 @@ class Recipe(Section):
     @classmethod
     def _known_version(cls, v: int) -> int:
         if v != SCHEMA_VERSION:
-            raise ValueError(f"this fpo-recipes reads schema_version {SCHEMA_VERSION}, got {v}")
+            raise ValueError(
+                f"this fpo-recipes reads schema_version {SCHEMA_VERSION}, got {v} "
+                f"(hint: use the fpo-recipes release that reads version {v}, or port the recipe to version {SCHEMA_VERSION})"
+            )
         return v
 
     @model_validator(mode="after")
@@ -282,18 +314,28 @@ class Recipe(Section):
             raise ValueError("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems))
         return self
 
-    def cross_section_problems(self) -> list[tuple[tuple, str]]:
-        """Rules that span sections, as (field location, message) pairs."""
+    def cross_section_problems(self, unparsed: frozenset[str] = frozenset()) -> list[tuple[tuple, str]]:
+        """Rules that span sections, as (field location, message) pairs.
+
+        ``unparsed``: sections that failed validation (the loader's partial recipe); rules
+        reading one of them are skipped rather than judged on a default."""
+        def parsed(*sections: str) -> bool:
+            return not unparsed.intersection(sections)
+
         problems: list[tuple[tuple, str]] = []
-        if self.objective.method == "fpo" and self.sae is None:
-            problems.append((("objective", "method"), "fpo needs an `sae:` section (hint: release + id or path, and layer)"))
-        if self.constraints and self.objective.method != "fpo":
-            problems.append((("constraints",), f"feature-level constraints apply only to objective.method fpo, not {self.objective.method}"))
-        if self.precompute.k_cache < self.objective.k:
+        if not parsed("objective"):
+            return problems  # every rule below reads the objective
+        o, spec = self.objective, METHODS[self.objective.method]
+        if parsed("sae") and spec.needs_sae and self.sae is None:
+            problems.append((("objective", "method"), f"{o.method} needs an `sae:` section (hint: release + id or path, and layer)"))
+        if parsed("constraints") and self.constraints and not spec.needs_sae:
+            problems.append((("constraints",), f"feature-level constraints apply only to objective.method {methods_where('needs_sae')}, "
+                f"not {o.method} (hint: remove constraints)"))
+        if parsed("precompute") and self.precompute.k_cache < o.k:
             problems.append((("precompute", "k_cache"),
-                f"{self.precompute.k_cache} must be >= objective.k ({self.objective.k}) (hint: the cache stores the reference's top-k_cache features)"))
-        if self.sae is not None and self.sae.width is not None and self.objective.k > self.sae.width:
-            problems.append((("objective", "k"), f"{self.objective.k} exceeds the SAE width ({self.sae.width})"))
+                f"{self.precompute.k_cache} must be >= objective.k ({o.k}) (hint: the cache stores the reference's top-k_cache features)"))
+        if parsed("sae") and self.sae is not None and self.sae.width is not None and o.k > self.sae.width:
+            problems.append((("objective", "k"), k_past_width(o.k, self.sae.width)))
         return problems
 
     # --- resolved views -------------------------------------------------------------
@@ -337,16 +379,8 @@ class Recipe(Section):
     def objective_config(self):
         from fpo_recipes.objectives import ObjectiveConfig
 
-        o = self.objective
-        return ObjectiveConfig(
-            method=o.method,
-            beta=o.beta,
-            alpha=o.alpha if o.alpha is not None else 0.0,
-            gamma=o.gamma if o.gamma is not None else 0.0,
-            k=o.k,
-            pooling=o.pooling,
-            stop_gradient=o.stop_gradient,
-        )
+        # alpha / gamma are None only where the method does not use them: ObjectiveConfig's defaults.
+        return ObjectiveConfig(**self.objective.model_dump(exclude_none=True))
 
     def targeted_features(self) -> dict[int, float]:
         """Feature id → weight over all constraints (later constraints override earlier)."""

@@ -16,6 +16,10 @@ from pathlib import Path
 import numpy as np
 
 
+class ShapeFileError(ValueError):
+    """A local config or weights file that a shape is read from is unreadable or malformed."""
+
+
 @dataclass(frozen=True)
 class ModelShape:
     num_layers: int
@@ -51,15 +55,27 @@ _WIDTHS = {"1k": 1024, "4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768, "65k"
            "131k": 131072, "262k": 262144, "524k": 524288, "1m": 1048576}
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShapeFileError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ShapeFileError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def _text_config(cfg: dict) -> dict:
-    return cfg.get("text_config", cfg)
+    text = cfg.get("text_config", cfg)
+    return text if isinstance(text, dict) else cfg
 
 
 def model_shape(name_or_path: str) -> ModelShape | None:
-    """Shape from a local config.json, else the built-in table; None when unknown."""
+    """Shape from a local config.json, else the built-in table; None when unknown.
+    Raises ShapeFileError for a config.json that cannot be read."""
     config = Path(name_or_path) / "config.json"
     if config.is_file():
-        cfg = _text_config(json.loads(config.read_text()))
+        cfg = _text_config(_read_json(config))
         if "num_hidden_layers" in cfg and "hidden_size" in cfg:
             return ModelShape(cfg["num_hidden_layers"], cfg["hidden_size"])
     return KNOWN_MODELS.get(name_or_path)
@@ -67,23 +83,28 @@ def model_shape(name_or_path: str) -> ModelShape | None:
 
 def _npz_array_shape(path: Path, name: str) -> tuple[int, ...] | None:
     """Shape of one array inside an .npz without reading its data."""
-    with zipfile.ZipFile(path) as zf:
-        member = f"{name}.npy"
-        if member not in zf.namelist():
-            return None
-        with zf.open(member) as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, _ = read_header(f)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            member = f"{name}.npy"
+            if member not in zf.namelist():
+                return None
+            with zf.open(member) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, _ = read_header(f)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # ValueError: a damaged .npy header
+        raise ShapeFileError(f"{path} is not a readable .npz archive ({exc})") from None
     return tuple(shape)
 
 
 def sae_shape_from_path(path: str) -> SAEShape | None:
+    """d_in / d_sae from a sae-lens cfg.json or a params.npz; None when the path is neither.
+    Raises ShapeFileError for one of those files that cannot be read."""
     p = Path(path)
     if p.is_dir() and (p / "params.npz").is_file():
         p = p / "params.npz"
     if p.is_dir() and (p / "cfg.json").is_file():
-        cfg = json.loads((p / "cfg.json").read_text())
+        cfg = _read_json(p / "cfg.json")
         return SAEShape(cfg.get("d_in"), cfg.get("d_sae"))
     if p.is_file() and p.suffix == ".npz":
         shape = _npz_array_shape(p, "W_enc")

@@ -18,7 +18,9 @@ shards ``i % num_processes == process_index`` and the main process assembles the
 from __future__ import annotations
 
 import logging
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,37 @@ def _split_state(sdir: Path, fingerprint: dict, force: bool) -> str:
         return "build"
 
 
+class ModelLoadError(OSError):
+    """The reference model or the tokenizer cannot be loaded; the message names the recipe field."""
+
+
+@contextmanager
+def _loading_model(recipe, which: str):
+    """Turn transformers' OSError (missing folder, hub name not cached offline) into one line
+    naming the recipe field ("reference" or "model") and what to do."""
+    try:
+        yield
+    except OSError as exc:
+        from fpo_recipes.models import resolve_model_path
+
+        section = "reference" if which == "reference" and recipe.reference is not None else "model"
+        name = getattr(recipe, section).name_or_path
+        # (a built-in name is left as is: resolving it would build it again)
+        location = name if name.startswith("builtin:") else resolve_model_path(recipe.resolve_input(name), recipe.base_dir)
+        field = f"{section}.name_or_path"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if Path(location).exists():
+            message = f"{field}: cannot load {location}: {reason} (hint: a model folder needs config.json, weights and tokenizer files)"
+        elif Path(location).is_absolute() or name.startswith((".", "~")):
+            message = f"{field}: {location} does not exist (hint: give an existing local model folder, or a hub name)"
+        elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            message = (f"{field}: cannot load {name!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+                       "(hint: run once online to download it, or give a local model folder)")
+        else:
+            message = f"{field}: cannot load {name!r}: {reason} (hint: check the hub name, the network and your HF token, or give a local path)"
+        raise ModelLoadError(message) from exc
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -160,19 +193,21 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
 
     from fpo_recipes.data import has_eval_split, load_preference_data, tokenize_pairs
     from fpo_recipes.models import load_model_config, load_reference_model, load_tokenizer
-    from fpo_recipes.sae import check_feature_ids, check_layers, check_sae_compat, load_saes
+    from fpo_recipes.sae import check_feature_ids, check_layers, check_sae_compat, load_saes, uses_sae
 
     on_cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)  # cpu=True: several CPU processes (torchrun) still shard the work
     device = torch.device(device) if device is not None else state.device
     shard_size = shard_size or DEFAULT_SHARD_SIZE
     cache_dir = Path(recipe.cache_dir)
-    layers = recipe.sae.layers if recipe.sae is not None else []
-    target_ids = sorted(recipe.targeted_features()) if recipe.sae is not None else []
+    # Methods other than fpo ignore an `sae:` section: never load (or download) it for them.
+    layers = recipe.sae.layers if uses_sae(recipe) else []
+    target_ids = sorted(recipe.targeted_features()) if layers else []
     k_cache = recipe.precompute.k_cache
 
     # 1. Everything that can fail cheaply, before any weights are loaded.
-    config = load_model_config(recipe, "reference")
+    with _loading_model(recipe, "reference"):
+        config = load_model_config(recipe, "reference")
     if layers:
         check_layers(config, layers)
     splits = ["train"] + (["eval"] if has_eval_split(recipe) else [])
@@ -191,7 +226,8 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
     if saes:
         check_sae_compat(saes, config, layers, hook=recipe.sae.hook, field="sae.path" if recipe.sae.path else "sae.id")
         check_feature_ids(saes, target_ids, k_cache)
-    tokenizer = load_tokenizer(recipe)
+    with _loading_model(recipe, "model"):
+        tokenizer = load_tokenizer(recipe)
     prepared = []
     for split, sdir, fingerprint in todo:
         field = "data.eval" if split == "eval" and recipe.data.eval is not None else "data.train"
@@ -207,7 +243,8 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
             store.begin_partial(sdir, fingerprint)
     state.wait_for_everyone()
 
-    model = load_reference_model(recipe, device=device)
+    with _loading_model(recipe, "reference"):
+        model = load_reference_model(recipe, device=device)
     for split, sdir, fingerprint, tokenized in prepared:
         _build_split(state, model, saes, tokenized, split, sdir, fingerprint, recipe, tokenizer, shard_size,
                      target_ids, show_progress)
@@ -240,7 +277,7 @@ def _build_split(state, model, saes, tokenized, split, sdir, fingerprint, recipe
             rows = [tokenized[i] for i in range(start, stop)]
             cached = compute_shard(
                 model, saes, rows, batch_size=recipe.precompute.batch_size, pad_token_id=tokenizer.pad_token_id,
-                hook=recipe.sae.hook if recipe.sae is not None else "resid_post", pooling=recipe.objective.pooling,
+                hook=recipe.sae.hook if saes else "resid_post", pooling=recipe.objective.pooling,
                 k_cache=recipe.precompute.k_cache, target_ids=target_ids, on_batch=bar.update,
             )
             store.write_shard(pdir, index, store.rows_to_table(cached), keys[index])
@@ -255,7 +292,7 @@ def _build_split(state, model, saes, tokenized, split, sdir, fingerprint, recipe
                                         str(store.shard_path(pdir, index)))
         info = {
             "layers": sorted(saes),
-            "hook": recipe.sae.hook if recipe.sae is not None else None,
+            "hook": recipe.sae.hook if saes else None,
             "pooling": recipe.objective.pooling,
             "k_cache": recipe.precompute.k_cache if saes else 0,
             "targeted_features": target_ids,
@@ -272,13 +309,13 @@ def _build_split(state, model, saes, tokenized, split, sdir, fingerprint, recipe
 
 def _input_locations(recipe, split: str) -> dict[str, Any]:
     """Where the inputs were read from (for people; the fingerprint identifies them by content)."""
-    from fpo_recipes.sae import sae_sources
+    from fpo_recipes.sae import sae_sources, uses_sae
 
     source = recipe.data.eval if split == "eval" and recipe.data.eval is not None else recipe.data.train
     return {
         "reference": recipe.resolve_input(recipe.reference_model.name_or_path),
         "tokenizer": recipe.resolve_input(recipe.model.name_or_path),
-        "sae": {str(k): v for k, v in sae_sources(recipe).items()},
+        "sae": {str(k): v for k, v in sae_sources(recipe).items()} if uses_sae(recipe) else {},
         "data": recipe.resolve_input(source.path),
     }
 
