@@ -6,6 +6,7 @@ Heavy imports (torch, axolotl) happen inside the commands so `fpo validate` stay
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -28,7 +29,6 @@ def train(
 ) -> None:
     """Train a recipe through Axolotl with the FPO plugin (cache checked first)."""
     recipe = load_recipe_or_exit(recipe_file)
-    from fpo_recipes.cache import CacheError
     from fpo_recipes.stages.train import LAUNCHERS, axolotl_yaml_path, run_train
 
     if launcher not in LAUNCHERS:
@@ -36,12 +36,11 @@ def train(
         raise typer.Exit(2)
     try:
         out = run_train(recipe, launcher=launcher, launcher_args=launcher_args or None)
-    except CacheError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(f"error: interrupted; a model in {recipe.output_dir} is only partly trained (hint: rerun `fpo train`)", err=True)
+        raise typer.Exit(130) from None
+    except _train_errors() as exc:
+        _fail(exc, axolotl_yaml_path(recipe))
     typer.echo(f"trained {recipe.name}: model in {out} (axolotl config {axolotl_yaml_path(recipe)})")
 
 
@@ -51,7 +50,41 @@ def export_axolotl(
 ) -> None:
     """Write the Axolotl YAML for a recipe without training (use with `axolotl train`)."""
     recipe = load_recipe_or_exit(recipe_file)
-    from fpo_recipes.stages.train import export_axolotl_config
+    from fpo_recipes.stages.train import axolotl_yaml_path, export_axolotl_config
 
-    path = export_axolotl_config(recipe, output)
+    target = output or axolotl_yaml_path(recipe)
+    try:
+        path = export_axolotl_config(recipe, target)
+    except OSError as exc:
+        typer.echo(f"error: cannot write {target}: {exc.strerror or exc} (hint: pass a writable path with -o)", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        _fail(exc, target)
     typer.echo(f"wrote {path}")
+
+
+def _train_errors() -> tuple[type[BaseException], ...]:
+    """What a valid recipe can still hit once the cache, Axolotl and the data are involved: a
+    cache that does not match (CacheError) or a failed subprocess (RuntimeError), Axolotl
+    refusing the generated config (pydantic ValidationError), the plugin's checks (ValueError,
+    AxolotlConfigError), pairs missing from the cache (MissingReferenceError, a KeyError)."""
+    from fpo_recipes.plugins.fpo.dataset import MissingReferenceError
+
+    return (RuntimeError, ValueError, MissingReferenceError)
+
+
+def _fail(exc: BaseException, axolotl_yaml) -> NoReturn:
+    """Print ``exc`` as one error (recipe-style ``file:line: field: message`` lines as they are), exit 1."""
+    from pydantic import ValidationError
+
+    from fpo_recipes.recipe import RecipeError
+
+    if isinstance(exc, RecipeError):  # includes AxolotlRecipeError
+        message = str(exc)
+    elif isinstance(exc, ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(config)'}: {e['msg']}" for e in exc.errors())
+        message = f"error: Axolotl refused the generated config {axolotl_yaml}: {problems}"
+    else:
+        message = f"error: {exc}"
+    typer.echo(message, err=True)
+    raise typer.Exit(1) from None

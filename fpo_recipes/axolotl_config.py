@@ -166,14 +166,18 @@ def _policy_location(recipe) -> str:
     return resolve_model_path(recipe.resolve_input(recipe.model.name_or_path), recipe.base_dir)
 
 
-def _model_type(location: str, revision: str | None) -> str | None:
-    """The checkpoint's model_type, or None when its config cannot be read offline."""
+def default_attention(location: str, revision: str | None) -> dict[str, str]:
+    """Axolotl keys for the attention kernel the reference side uses (eager for Gemma 2, see
+    models.py); empty — Axolotl's choice — otherwise or when the config can't be read offline."""
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(location, revision=revision).model_type
+        config = AutoConfig.from_pretrained(location, revision=revision)
     except Exception:  # noqa: BLE001 - a hub model not cached here: leave attention to Axolotl
-        return None
+        return {}
+    from fpo_recipes.models import _attn_kwargs
+
+    return _attn_kwargs(config)
 
 
 def build_axolotl_config(recipe) -> dict[str, Any]:
@@ -185,10 +189,7 @@ def build_axolotl_config(recipe) -> dict[str, Any]:
         cfg["revision_of_model"] = m.revision
     if m.trust_remote_code:
         cfg["trust_remote_code"] = True
-    model_type = _model_type(location, m.revision)
-    if model_type and model_type.startswith("gemma2"):
-        # Gemma 2 soft-caps attention logits; only eager does it exactly (and precompute uses eager).
-        cfg["attn_implementation"] = "eager"
+    cfg.update(default_attention(location, m.revision))
 
     # precision: train.precision is mixed precision, model.dtype the load dtype otherwise
     cfg["bf16"] = t.precision == "bf16"

@@ -114,7 +114,34 @@ def test_constraint_weight_changes_the_feature_gradient(setup):
     assert torch.any(g0[2:].abs().sum(0) > 0)
     # and the change reaches the policy's weights
     assert not torch.allclose(p0, p1)
-    assert m0["missing_ref_features"] >= 0
+
+
+def test_missing_reference_features_fraction(setup):
+    """k_cache == k and the reference's top-k shares 2 of the policy's top-4: per row the union
+    I has 6 features, 2 of them (the policy's other two) have no cached reference value."""
+    from fpo_recipes.hooks import capture_hidden
+    from fpo_recipes.plugins.fpo.collator import FPOCollator
+    from fpo_recipes.plugins.fpo.trainer import PreferenceObjective
+    from fpo_recipes.sae import encode_pooled
+
+    recipe, tokenizer, rows, model, saes = setup
+    k, layer = recipe.objective.k, recipe.sae.layers[0]
+    assert k == 4
+    batch = FPOCollator(tokenizer)(rows)
+    with torch.no_grad(), capture_hidden(model, [layer]) as captured:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    pooled = encode_pooled(saes, captured, batch["response_mask"], recipe.objective.pooling)[layer]
+    policy_top = torch.topk(pooled, k, dim=-1).indices  # [2B, k]: chosen rows, then rejected rows
+
+    cached = _cache_rows(rows, k_cache=k, n_targets=0)
+    for i, r in enumerate(cached):
+        for side, row in (("chosen", i), ("rejected", len(rows) + i)):
+            others = [f for f in range(pooled.shape[1]) if f not in policy_top[row].tolist()][:2]
+            r[f"{side}_sae_indices"] = [policy_top[row, :2].tolist() + others]
+            r[f"{side}_sae_values"] = [[0.4, 0.3, 0.2, 0.1]]
+    objective = PreferenceObjective(recipe.objective_config(), saes=saes)
+    _, metrics, _ = objective(model, FPOCollator(tokenizer)(cached))
+    assert float(metrics["missing_ref_features"]) == pytest.approx(2 / 6)
 
 
 def test_missing_pair_is_an_error_naming_it(setup):

@@ -197,7 +197,7 @@ def test_plugin_points_a_plain_yaml_at_precompute_axolotl_config(tmp_path, tiny_
         FPOPlugin().load_datasets(DictDefault(cfg))
 
 
-def test_register_fills_what_a_plain_yaml_leaves_out(tiny_model_dir):
+def test_register_fills_what_a_plain_yaml_leaves_out(tiny_model_dir, tiny_llama_dir):
     """Gemma 2 gets eager attention (as precompute uses) unless the YAML chose one."""
     from fpo_recipes.plugins.fpo import FPOPlugin
 
@@ -205,6 +205,9 @@ def test_register_fills_what_a_plain_yaml_leaves_out(tiny_model_dir):
     FPOPlugin().register(cfg)
     assert cfg["attn_implementation"] == "eager" and cfg["remove_unused_columns"] is False
     cfg = {"base_model": str(tiny_model_dir), "sdp_attention": True}
+    FPOPlugin().register(cfg)
+    assert "attn_implementation" not in cfg
+    cfg = {"base_model": str(tiny_llama_dir)}  # any kernel computes Llama exactly: Axolotl's choice
     FPOPlugin().register(cfg)
     assert "attn_implementation" not in cfg
 

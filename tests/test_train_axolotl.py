@@ -83,10 +83,34 @@ def count_language_models():
         PreTrainedModel.__init__ = original
 
 
+@contextmanager
+def capture_trainers():
+    """The trainers FPOPlugin.post_trainer_create sets up while active (to inspect after the run)."""
+    from fpo_recipes.plugins.fpo import FPOPlugin
+
+    trainers: list = []
+    original = FPOPlugin.post_trainer_create
+
+    def recording(self, cfg, trainer):
+        original(self, cfg, trainer)
+        trainers.append(trainer)
+
+    FPOPlugin.post_trainer_create = recording
+    try:
+        yield trainers
+    finally:
+        FPOPlugin.post_trainer_create = original
+
+
 def _log_history(output_dir: Path, step: int) -> list[dict]:
     state = output_dir / f"checkpoint-{step}" / "trainer_state.json"
     assert state.is_file(), f"no checkpoint at step {step} in {output_dir}"
     return [h for h in json.loads(state.read_text())["log_history"] if "loss" in h]
+
+
+def _final_log(output_dir: Path) -> dict:
+    """output_dir/trainer_state.json, which the plugin saves when training ends."""
+    return json.loads((output_dir / "trainer_state.json").read_text())
 
 
 def test_axolotl_cli_trains_fpo_with_the_plugin(make_recipe, fpo_cache):
@@ -112,6 +136,7 @@ def test_axolotl_cli_trains_fpo_with_the_plugin(make_recipe, fpo_cache):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert first["constraint/chosen"] == pytest.approx(0, abs=1e-4) and first["missing_ref_features"] == 0
     assert (out / "model.safetensors").is_file() and (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert _final_log(out)["log_history"][:2] == _log_history(out, 2)  # plugin's post_train ran there too
 
 
 def test_fpo_loads_one_model_and_optimises(make_recipe, fpo_cache):
@@ -124,13 +149,18 @@ def test_fpo_loads_one_model_and_optimises(make_recipe, fpo_cache):
         precompute={"cache_dir": fpo_cache},
         train={"batch_size": 6, "micro_batch_size": 6, "max_steps": 15, "save_steps": 15, "learning_rate": 2e-2},
     )
-    with count_language_models() as built:
+    with count_language_models() as built, capture_trainers() as trainers:
         out = run_train(recipe)
     assert len(built) == 1, built  # no reference model: the cache stands in for it
+    assert trainers[0].fpo_objective.ref_model is None and trainers[0].fpo_objective.saes
     history = _log_history(out, 15)  # every step sees all 6 pairs
     assert [h["rewards/accuracies"] for h in history[-3:]] == [1.0, 1.0, 1.0]
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and history[-1]["loss"] < 0.3
-    assert all(set(FPO_LOGGED) <= h.keys() for h in history)
+    assert all(set(FPO_LOGGED) <= h.keys() and "ppl" not in h for h in history)  # no exp(preference loss)
+    # this run's whole log, ending with the trainer's summary, at the root of output_dir
+    final = _final_log(out)
+    assert final["global_step"] == 15 and final["log_history"][:15] == history
+    assert "train_runtime" in final["log_history"][-1]
 
 
 @pytest.mark.parametrize(
@@ -151,9 +181,12 @@ def test_baselines_train_through_the_plugin(make_recipe, method, models, overrid
     recipe = make_recipe(f"{method}-run", method, **overrides)
     if method == "dpo":
         run_precompute(recipe, show_progress=False)
-    with count_language_models() as built:
+    with count_language_models() as built, capture_trainers() as trainers:
         out = run_train(recipe)
     assert len(built) == models, built
+    trainer = trainers[0]
+    assert (trainer.fpo_objective.ref_model is not None) == (models == 2)
+    _check_training_setup(trainer, overrides)
     history = _log_history(out, 2)
     assert len(history) == 2 and all(set(LOGGED) <= h.keys() for h in history)
     if method in ("dpo", "tdpo1", "tdpo2"):  # reference == policy at step 1
@@ -162,6 +195,33 @@ def test_baselines_train_through_the_plugin(make_recipe, method, models, overrid
         assert {"constraint/chosen", "constraint/rejected"} <= history[-1].keys()
     final = "adapter_model.safetensors" if "model" in overrides else "model.safetensors"
     assert (out / final).is_file()
+
+
+def _check_training_setup(trainer, overrides: dict) -> None:
+    """The run really trained LoRA modules / 8-bit layers / a bitsandbytes optimizer when asked."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    int8 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    model_overrides = overrides.get("model", {})
+    assert bool(lora) == (model_overrides.get("adapter") == "lora")
+    assert bool(int8) == bool(model_overrides.get("load_in_8bit"))
+    assert all(m.weight.dtype == torch.int8 for m in int8)  # quantised on load, also on CPU
+    if lora:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable), trainable
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # Accelerate's wrapper
+    if overrides.get("train", {}).get("optimizer") == "adamw_bnb_8bit":
+        assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.args.optim_bits == 8
+        # bitsandbytes' own update ran (its state names; torch's AdamW keeps exp_avg). Every tensor of
+        # this tiny model is under bnb's 4096-element 8-bit threshold or an embedding (HF keeps those
+        # 32-bit), so the moments themselves are float32 here.
+        assert optimizer.state and all("state1" in st and "exp_avg" not in st for st in optimizer.state.values())
+    else:
+        assert type(optimizer).__module__.startswith("torch.optim"), type(optimizer)
 
 
 def test_cache_of_another_recipe_is_refused(make_recipe, fpo_cache):
@@ -262,3 +322,90 @@ fpo_gamma: 0.5
     assert len(history) == 2 and all(set(LOGGED) <= h.keys() for h in history)
     assert (out / "model.safetensors").is_file()
     assert not (out / "ref_cache").exists()  # simpo reads no reference cache
+
+
+# --- interruption and errors ----------------------------------------------------------------
+
+
+def test_ctrl_c_in_process_raises_keyboard_interrupt(make_recipe, monkeypatch):
+    """SIGINT at step 1: KeyboardInterrupt (not Axolotl's sys.exit(0)), the SIGINT handler is
+    restored, and what Axolotl saved is not taken for a finished model."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    from fpo_recipes.plugins.fpo import FPOPlugin
+    from fpo_recipes.stages.evaluate import find_trained_model
+    from fpo_recipes.stages.train import run_train
+
+    class CtrlCAtStep1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(FPOPlugin, "add_callbacks_post_trainer", lambda self, cfg, trainer: [CtrlCAtStep1()])
+    recipe = make_recipe("simpo-ctrl-c", "simpo", train={"max_steps": 3, "save_steps": 3})
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # what an earlier, finished run left: its trainer log and `fpo run`'s marker
+    (out / "trainer_state.json").write_text(json.dumps({"log_history": [{"train_runtime": 9.0}]}))
+    (out / "train.done.json").write_text(json.dumps({"outputs": [str(out)]}))
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(recipe)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert (out / "model.safetensors").is_file()  # Axolotl's handler saved the step-1 model...
+    assert not (out / "trainer_state.json").exists() and not (out / "train.done.json").exists()
+    assert not (out / "checkpoint-3").exists()
+    found, warning = find_trained_model(recipe)  # ...which evaluate flags as partly trained
+    assert found == out and "may be a partly trained model" in warning
+
+
+def _raising(exc: Exception):
+    def run_train(*args, **kwargs):
+        raise exc
+
+    return run_train
+
+
+def test_train_cli_errors_are_one_line(make_recipe, monkeypatch, tmp_path):
+    from pydantic import BaseModel, ValidationError
+    from typer.testing import CliRunner
+
+    import fpo_recipes.stages.train as train_stage
+    from fpo_recipes.cli.main import app
+    from fpo_recipes.plugins.fpo.dataset import MissingReferenceError
+
+    runner = CliRunner()
+    # the plugin's own check, from a real Axolotl start: 6 pairs fill no batch of 8
+    recipe = make_recipe("simpo-big-batch", "simpo", train={"batch_size": 8, "micro_batch_size": 8})
+    result = runner.invoke(app, ["train", str(recipe.source_path)])
+    assert result.exit_code == 1 and type(result.exception) is SystemExit, result.output
+    assert "error: micro_batch_size: 6 training pair(s) fill no batch of 8 x 1 process(es)\n" in result.output
+    assert "Traceback" not in result.output
+
+    # a pair missing from the cache (a KeyError) and Axolotl refusing the config (pydantic)
+    class Config(BaseModel):
+        learning_rate: float
+
+    try:
+        Config(learning_rate="fast")
+    except ValidationError as exc:
+        refused = exc
+    missing = MissingReferenceError("cache: no reference values for 1 of 6 training pair(s): pair_id p1")
+    yaml_path = train_stage.axolotl_yaml_path(recipe)
+    for error, expected in [
+        (missing, "error: cache: no reference values for 1 of 6 training pair(s): pair_id p1\n"),
+        (refused, f"error: Axolotl refused the generated config {yaml_path}: learning_rate: Input should be a valid number"),
+    ]:
+        monkeypatch.setattr(train_stage, "run_train", _raising(error))
+        result = runner.invoke(app, ["train", str(recipe.source_path)])
+        assert result.exit_code == 1 and type(result.exception) is SystemExit, result.output
+        assert expected in result.output and "Traceback" not in result.output
+
+    # export-axolotl to a path that cannot be written
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["export-axolotl", str(recipe.source_path), "-o", str(blocker / "ax.yaml")])
+    assert result.exit_code == 1 and type(result.exception) is SystemExit, result.output
+    assert result.output.startswith(f"error: cannot write {blocker / 'ax.yaml'}: ")

@@ -11,6 +11,7 @@ the final model land in ``train.output_dir``.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,13 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
     check_cache(recipe)
     yaml_path = export_axolotl_config(recipe)
     output_dir = Path(recipe.output_dir)
+    # What says "training finished" must not outlive the model it describes: the plugin saves
+    # this run's log at the end (post_train), `fpo run` writes its marker after success. Left
+    # from an earlier run, either would make what an interrupted run saves look finished.
+    from fpo_recipes.stages.run import marker_path
+
+    (output_dir / "trainer_state.json").unlink(missing_ok=True)
+    marker_path(recipe, "train").unlink(missing_ok=True)
     if launcher == "inprocess":
         _train_in_process(yaml_path)
     else:
@@ -99,7 +107,10 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
 
 
 def _train_in_process(yaml_path: Path) -> None:
-    """Axolotl's own Python entry point: load_cfg (registers the plugin, validates) + do_train."""
+    """Axolotl's own Python entry point: load_cfg (registers the plugin, validates) + do_train.
+
+    Ctrl-C raises KeyboardInterrupt (whatever Axolotl saved so far is not a finished model:
+    no trainer_state.json is written), and the SIGINT handler is restored afterwards."""
     from axolotl.cli.args import TrainerCliArgs
     from axolotl.cli.config import load_cfg
     from axolotl.cli.train import do_train
@@ -107,4 +118,15 @@ def _train_in_process(yaml_path: Path) -> None:
     for key, value in _CHILD_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     cfg = load_cfg(str(yaml_path))
-    do_train(cfg, TrainerCliArgs())
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        do_train(cfg, TrainerCliArgs())
+    except SystemExit as exc:
+        # Axolotl's SIGINT handler (installed for the training loop) saves the model so far
+        # and calls sys.exit(0); in-process that is a Ctrl-C, not a finished training.
+        if signal.getsignal(signal.SIGINT) is not previous and exc.code in (0, None):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)  # Axolotl leaves its handler installed

@@ -23,6 +23,7 @@ the trainer without the model):
 - ``get_collator_cls_and_kwargs``: FPOCollator (pairs + cache columns as tensors).
 - ``post_trainer_create``: loads the frozen SAE (fpo) or frozen online reference
   (tdpo1/tdpo2/simpo_kl) onto the trainer's device and attaches the objective.
+- ``post_train``: saves the run's log as ``output_dir/trainer_state.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class FPOPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self._recipe = None
+        self._trainer = None
 
     # --- config ---------------------------------------------------------------------
     def get_input_args(self) -> str:
@@ -71,13 +73,10 @@ class FPOPlugin(BasePlugin):
         if cfg.get("remove_unused_columns") is None:
             cfg["remove_unused_columns"] = False  # the collator needs the cache columns
         if cfg.get("base_model") and not any(cfg.get(key) for key in _ATTENTION_KEYS):
-            from fpo_recipes.axolotl_config import _model_type
+            from fpo_recipes.axolotl_config import default_attention
 
-            model_type = _model_type(str(cfg["base_model"]), cfg.get("revision_of_model"))
-            if model_type and model_type.startswith("gemma2"):
-                # Gemma 2 soft-caps attention logits, which only eager does exactly; the
-                # reference cache is computed with eager, so train the policy the same way.
-                cfg["attn_implementation"] = "eager"
+            # the kernel the reference cache was computed with (eager for Gemma 2)
+            cfg.update(default_attention(str(cfg["base_model"]), cfg.get("revision_of_model")))
         if cfg.get("adapter"):
             import torch
 
@@ -143,6 +142,7 @@ class FPOPlugin(BasePlugin):
 
         if not isinstance(trainer, FPOTrainer):
             return
+        self._trainer = trainer
         recipe = self.recipe(cfg)
         config = recipe.objective_config()
         spec = config.spec
@@ -177,6 +177,13 @@ class FPOPlugin(BasePlugin):
             chunk_size=cfg.get("fpo_logprob_chunk_size") or 512,
             full_logits=full_logits,
         )
+
+    def post_train(self, cfg, model):
+        """Save this run's trainer log as output_dir/trainer_state.json (Axolotl writes it only
+        into checkpoints, which may be an earlier run's)."""
+        if self._trainer is not None:
+            self._trainer.save_state()  # main process only; includes train_runtime
+            self._trainer = None
 
 
 def _zero_stage(trainer) -> int | None:

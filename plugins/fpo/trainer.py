@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from transformers import Trainer
 
 from axolotl.core.trainers.base import AxolotlTrainer
 from fpo_recipes.objectives import (
@@ -189,7 +190,18 @@ class PreferenceObjective:
         return result.loss, metrics, extras
 
 
-class FPOTrainer(AxolotlTrainer):
+class _NoPerplexityLog(Trainer):
+    """Drops the ``ppl``/``eval_ppl`` = exp(loss) that AxolotlTrainer.log adds: meaningless for
+    a preference loss. Sits between AxolotlTrainer and Trainer in FPOTrainer's MRO, so it sees
+    the logs after Axolotl fills them and before they are recorded and sent to loggers."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs.pop("ppl", None)
+        logs.pop("eval_ppl", None)
+        return super().log(logs, start_time)
+
+
+class FPOTrainer(AxolotlTrainer, _NoPerplexityLog):
     """Axolotl's trainer with the preference objective as ``compute_loss``.
 
     The plugin attaches ``fpo_objective`` (a PreferenceObjective) after construction
