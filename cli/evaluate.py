@@ -22,24 +22,33 @@ def evaluate(
     """Paper metrics of the trained model against its reference: metrics.json, report.md and plots."""
 
     recipe = load_recipe_or_exit(recipe_file)
-    from fpo_recipes.stages.evaluate import EvaluateError, run_evaluate
+    from fpo_recipes.stages.evaluate import EvaluateError, check_model_dir, run_evaluate
 
+    try:
+        if model_dir is not None:  # before anything loads
+            check_model_dir(model_dir)
+    except EvaluateError as exc:
+        typer.echo(f"error: --model-dir: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         path = run_evaluate(recipe, model_dir=model_dir, device=device)
     except (EvaluateError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    _print_run(path)
+    print_run(path)
 
 
-def _print_run(metrics_path: Path) -> None:
+def print_run(metrics_path: Path) -> None:
+    """The report's headline numbers: reference vs trained, then any warnings of the run
+    (``metrics_path``: metrics.json, or a run / eval directory holding it)."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from fpo_recipes.report import fmt, label, present_keys
+    from fpo_recipes.report import find_metrics_file, fmt, label, present_keys
 
+    metrics_path = find_metrics_file(metrics_path)
     data = json.loads(metrics_path.read_text())
     trained, reference = data["metrics"]["trained"], data["metrics"]["reference"]
     table = Table(title=f"{data['run']} ({data['method']}): {data['eval']['n_pairs']} held-out pairs")
@@ -50,6 +59,8 @@ def _print_run(metrics_path: Path) -> None:
         table.add_row(label(key), fmt(reference.get(key)), fmt(trained.get(key)))
     console = Console()
     console.print(table)
+    for w in data.get("warnings") or []:
+        console.print(f"warning: {w}", markup=False, highlight=False)
     console.print(f"wrote {metrics_path.parent}/ (metrics.json, report.md, plots)")
 
 

@@ -29,14 +29,19 @@ def discover(
     max_length: int = typer.Option(256, "--max-length", min=2, help="Tokens per text."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Feature list JSON to write (constraints[].features_file reads it)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Feature list to write, .json (with details) or .txt (one id per line); constraints[].features_file reads it."),
 ) -> None:
     """Rank SAE features on target texts and keep those that stand out against a contrast set."""
-    from fpo_recipes.discovery import DiscoveryParams, discover_features, read_texts, write_features_file
+    from fpo_recipes.discovery import DiscoveryParams, check_features_path, discover_features, read_texts, write_features_file
 
     recipe = load_recipe_or_exit(recipe_file)
     params = DiscoveryParams(top=top, ratio=ratio, min_z=min_z, max_length=max_length, batch_size=batch_size,
                              text_column=text_column, limit=limit)
+    try:
+        check_features_path(out)  # before the model runs
+    except ValueError as exc:
+        typer.echo(f"error: -o: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         target_texts = read_texts(targets, text_column, limit)
         contrast_texts = read_texts(contrast, text_column, limit) if contrast else None
@@ -52,4 +57,8 @@ def discover(
         mark = "kept" if d["kept"] else "    "
         typer.echo(f"  {mark} #{d['id']:<6} max {d['max_act']:.3g}  mean target {d['mean_target']:.3g}  "
                    f"mean contrast {d['mean_contrast']:.3g}  z {d['z']:.3g}")
+    if not kept:
+        typer.echo(f"warning: no feature passed the filter (mean target > {ratio:g} x mean contrast and z >= {min_z:g}), "
+                   "so a constraint naming this file targets nothing (hint: lower --ratio or --min-z, raise --top, "
+                   "or give more or more specific target texts)", err=True)
     typer.echo(f"wrote {path} (use it as constraints[].features_file)")

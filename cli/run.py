@@ -20,18 +20,15 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
 ) -> None:
     """Run a recipe end to end; stages whose outputs match the recipe are reused."""
+    from fpo_recipes.cli.evaluate import print_run
     from fpo_recipes.stages import run as pipeline
 
     recipe = load_recipe_or_exit(recipe_file)
-    if dry_run:
-        try:
-            plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only)
-        except pipeline.PipelineError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        typer.echo(pipeline.format_plan(recipe, plans, prestep=pipeline.quickstart_sae_needed(recipe)))
-        return
     try:
+        if dry_run:
+            plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only)
+            typer.echo(pipeline.format_plan(recipe, plans, prestep=pipeline.quickstart_sae_needed(recipe)))
+            return
         results = pipeline.run_pipeline(recipe, from_stage=from_stage, only=only, echo=typer.echo)
     except pipeline.PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -45,6 +42,5 @@ def run(
     except Exception as exc:  # a stage's own error, already reported with the finished stages
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
-    metrics = results.get("evaluate")
-    if metrics:
-        typer.echo(f"metrics: {metrics[0]}")
+    if results.get("evaluate"):  # run now or reused: end with the headline numbers
+        print_run(results["evaluate"][0])

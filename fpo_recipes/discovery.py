@@ -5,8 +5,9 @@
 2. Keep those whose mean activation on the targets stands out against a contrast set:
    ``mean_target > ratio * mean_contrast`` and a Welch z-score of the per-text mean
    activations ``>= min_z``.
-The result is a feature list file that ``constraints[].features_file`` reads:
-``{"features": [...], "details": [{id, max_act, mean_target, mean_contrast, z, kept}], "params": {...}}``.
+The result is a feature list file that ``constraints[].features_file`` reads: ``.json``
+``{"features": [...], "details": [{id, max_act, mean_target, mean_contrast, z, kept}], "params": {...}}``,
+or ``.txt`` with one kept id per line (statistics in ``#`` comments).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fpo_recipes.atomic_io import atomic_write_json, atomic_write_text
 from fpo_recipes.recipe.schema import Recipe
 
 
@@ -216,10 +218,34 @@ def discover_features(recipe: Recipe, targets: list[str], contrast: list[str] | 
     }
 
 
-def write_features_file(result: dict, path: str | Path) -> Path:
+def check_features_path(path: str | Path) -> Path:
+    """An output path ``constraints[].features_file`` will read back as written: ``.json``
+    (the list with its details) or ``.txt`` / no suffix (one id per line)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    if path.suffix not in (".json", ".txt", ""):
+        raise ValueError(f"{path}: a feature list file ends in .json (ids with their details) or .txt (one id per line)")
+    return path
+
+
+def _features_text(result: dict) -> str:
+    """The plain-text form: a commented header, then one id per line with its statistics."""
+    p = result["params"]
+    lines = [f"# fpo features discover: recipe {result.get('recipe')}, layer {p['layer']} ({p['hook']}), "
+             f"{len(result['features'])} of {len(result['details'])} candidates kept",
+             f"# top={p['top']} ratio={p['ratio']} min_z={p['min_z']} targets={p['n_targets']} contrast={p['n_contrast']}"]
+    details = {d["id"]: d for d in result["details"]}
+    for fid in result["features"]:
+        d = details[fid]
+        lines.append(f"{fid}  # max {d['max_act']:.4g}, mean target {d['mean_target']:.4g}, "
+                     f"mean contrast {d['mean_contrast']:.4g}, z {d['z']:.4g}")
+    return "\n".join(lines) + "\n"
+
+
+def write_features_file(result: dict, path: str | Path) -> Path:
+    """Write the discovery result in the format the path's suffix names (see :func:`check_features_path`)."""
+    path = check_features_path(path)
+    if path.suffix == ".json":
+        atomic_write_json(path, result)
+    else:
+        atomic_write_text(path, _features_text(result))
     return path

@@ -10,20 +10,26 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# Trainer-log keys drawn first, in this order, when present.
+# Trainer-log keys drawn first, in this order, when present (the FPO plugin's names): the
+# objective, its preference and constraint terms, then the reward and log-prob bookkeeping.
 PREFERRED_CURVES = (
     "loss",
-    "rewards/accuracies",
-    "rewards/margins",
+    "lpd",
+    "margin",
     "constraint",
-    "fpo/constraint",
-    "fpo/divergence_chosen",
-    "fpo/divergence_rejected",
+    "constraint/chosen",
+    "constraint/rejected",
+    "rewards/accuracies",
+    "missing_ref_features",
+    "rewards/margins",
     "logps/chosen",
     "logps/rejected",
-    "grad_norm",
-    "learning_rate",
+    "rewards/chosen",
+    "rewards/rejected",
 )
+# Optimizer and Axolotl bookkeeping: drawn only when panels are left over.
+LAST_CURVES = ("grad_norm", "learning_rate", "ppl", "memory/")
+MAX_PANELS = 15  # a 5 x 3 grid: the 13 above and the optimizer's grad_norm, learning_rate
 _SKIP_KEYS = {"step", "epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
 
 TRAINED_COLOR = "#1f77b4"
@@ -47,23 +53,24 @@ def _finite(x) -> bool:
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    # leave a fixed 0.4 inch band for the suptitle (tight_layout alone ignores it)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()) if fig.get_suptitle() else None)
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path
 
 
-def curve_keys(log_history: Sequence[Mapping], limit: int = 8) -> list[str]:
-    """The numeric trainer-log keys worth drawing, preferred ones first."""
-    seen: dict[str, int] = {}
-    for entry in log_history:
-        if "step" not in entry:
-            continue
-        for key, value in entry.items():
-            if key not in _SKIP_KEYS and _finite(value):
-                seen[key] = seen.get(key, 0) + 1
+def _drawn_last(key: str) -> bool:
+    return any(key.startswith(p) if p.endswith("/") else key == p for p in LAST_CURVES)
+
+
+def curve_keys(log_history: Sequence[Mapping], limit: int = MAX_PANELS) -> list[str]:
+    """The numeric trainer-log keys worth drawing: preferred ones first, then any others,
+    then optimizer / memory bookkeeping, at most ``limit``."""
+    seen = {k for e in log_history if "step" in e for k, v in e.items() if k not in _SKIP_KEYS and _finite(v)}
     keys = [k for k in PREFERRED_CURVES if k in seen]
-    keys += sorted(k for k in seen if k not in keys)
+    keys += sorted(k for k in seen - set(keys) if not _drawn_last(k))
+    keys += sorted(k for k in seen - set(keys))
     return keys[:limit]
 
 

@@ -88,6 +88,8 @@ def render_report(result: Mapping) -> str:
     trained, reference = m.get("trained", {}), m.get("reference", {})
     ev = result.get("eval", {})
     lines = [f"# Evaluation: {result.get('run', '?')} ({result.get('method', '?')})", ""]
+    for w in result.get("warnings") or []:
+        lines += [f"> **Warning:** {w}", ""]
     lines.append(f"- trained model: `{result.get('model_dir')}`")
     lines.append(f"- reference: `{result.get('reference_model')}`")
     lines.append(f"- held-out pairs: {ev.get('n_pairs')} (split `{ev.get('split')}`)")

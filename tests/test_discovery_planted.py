@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from fpo_recipes import discovery as D
 from fpo_recipes.recipe import load_recipe
@@ -114,6 +115,35 @@ def test_planted_feature_ranks_first_and_is_kept(planted_recipe, tmp_path):
     assert read_features_file(out) == [PLANTED]
 
 
+def _constraint_recipe(write_recipe, planted_recipe, features_file, name):
+    sae = yaml.safe_load(planted_recipe.read_text())["sae"]
+    return write_recipe(name, sae=sae, constraints=[{"name": "paris", "features_file": str(features_file), "weight": 0.0}])
+
+
+def test_discovery_output_is_a_recipe_features_file(planted_recipe, write_recipe, tmp_path):
+    from fpo_recipes.recipe import load_and_check
+
+    result = D.discover_features(load_recipe(planted_recipe), TARGETS, CONTRAST, D.DiscoveryParams(top=10), device="cpu")
+    for name in ("features.json", "features.txt", "features"):
+        out = D.write_features_file(result, tmp_path / name)
+        recipe = load_and_check(_constraint_recipe(write_recipe, planted_recipe, out, f"{name}.yaml"))
+        assert recipe.targeted_features() == {PLANTED: 0.0}, name
+    text = (tmp_path / "features.txt").read_text().splitlines()
+    assert text[0].startswith("# fpo features discover: recipe tiny-fpo, layer 1 (resid_post), 1 of ")
+    assert text[2].startswith(f"{PLANTED}  # max ")
+    with pytest.raises(ValueError, match=r"feats.yaml: a feature list file ends in .json \(ids with their details\) or .txt"):
+        D.write_features_file(result, tmp_path / "feats.yaml")
+    assert not (tmp_path / "feats.yaml").exists()
+
+
+def test_default_top_50(planted_recipe):
+    result = D.discover_features(load_recipe(planted_recipe), TARGETS, CONTRAST, device="cpu")
+    assert result["params"]["top"] == 50
+    # 64 features, the BOS one never counted and every dense one firing: the top 50 are ranked
+    assert len(result["details"]) == 50 and [d["rank"] for d in result["details"]] == list(range(50))
+    assert result["details"][0]["id"] == PLANTED and result["features"] == [PLANTED]
+
+
 def test_without_bos_masking_the_bos_feature_would_win(planted_recipe):
     from fpo_recipes.models import load_reference_model, load_tokenizer
     from fpo_recipes.sae import load_saes
@@ -171,3 +201,29 @@ def test_cli_features_discover(planted_recipe, tmp_path):
     assert result.exit_code == 0, result.output
     assert read_features_file(out) == [PLANTED]
     assert str(PLANTED) in result.output
+    assert "warning" not in result.output
+
+    # nothing passes a filter this strict: the file is written, and the run says so
+    strict = tmp_path / "none.txt"
+    result = CliRunner().invoke(app, ["features", "discover", str(planted_recipe), "--targets", str(targets),
+                                      "--contrast", str(contrast), "--ratio", "1000", "-o", str(strict), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert read_features_file(strict) == []
+    assert ("warning: no feature passed the filter (mean target > 1000 x mean contrast and z >= 2), so a constraint "
+            "naming this file targets nothing") in " ".join(result.output.split())
+
+
+def test_cli_refuses_an_output_the_recipe_cannot_read(planted_recipe, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+
+    monkeypatch.setattr(D, "discover_features", lambda *a, **k: pytest.fail("ran discovery before checking -o"))
+    targets = tmp_path / "targets.txt"
+    targets.write_text("\n".join(TARGETS))
+    out = tmp_path / "feats.csv"
+    result = CliRunner().invoke(app, ["features", "discover", str(planted_recipe), "--targets", str(targets), "-o", str(out)])
+    assert result.exit_code == 2
+    assert (f"error: -o: {out}: a feature list file ends in .json (ids with their details) or .txt (one id per line)"
+            in " ".join(result.output.split()))
+    assert not out.exists()

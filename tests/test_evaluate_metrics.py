@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
+from fpo_recipes.evaluate import compute as C
 from fpo_recipes.evaluate import judge as J
 from fpo_recipes.evaluate import metrics as M
 
@@ -19,28 +20,40 @@ def _logits(probs):
     return torch.log(torch.tensor(probs, dtype=torch.float64))
 
 
+def _kl(ref, pol, ids, rmask, attn=None):
+    """The evaluation's own SeqKL and log-probs (policy, reference, KL) for these logits."""
+    return C.logps_and_kl(pol, ref, ids, rmask, torch.ones_like(ids) if attn is None else attn)
+
+
 def test_identical_models_give_zero_kl_and_mse():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 3)
+    ids = torch.randint(0, 3, (2, 5))
     mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
-    assert torch.equal(M.sequence_kl(logits, logits.clone(), mask), torch.zeros(2))
+    pol_lp, ref_lp, kl = _kl(logits, logits.clone(), ids, mask)
+    assert kl.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert torch.equal(pol_lp, ref_lp)
     pooled = torch.rand(4, 16)
     assert torch.equal(M.feature_mse(pooled, pooled.clone()), torch.zeros(4))
     assert torch.equal(M.topk_feature_divergence(pooled, pooled.clone(), k=4), torch.zeros(4))
 
 
-def test_sequence_kl_on_a_two_token_vocabulary_by_hand():
+def test_sequence_kl_and_logps_on_a_two_token_vocabulary_by_hand():
     # one sequence of 4 tokens: BOS, prompt, response, response.
     # The response tokens (positions 2, 3) are predicted by the logits at positions 1, 2.
     ref = torch.stack([_logits([0.5, 0.5]), _logits([0.5, 0.5]), _logits([0.9, 0.1]), _logits([0.3, 0.7])])[None]
     pol = torch.stack([_logits([0.1, 0.9]), _logits([0.8, 0.2]), _logits([0.6, 0.4]), _logits([0.5, 0.5])])[None]
+    ids = torch.tensor([[0, 1, 0, 1]])
     mask = torch.tensor([[False, False, True, True]])
     kl_pos1 = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
     kl_pos2 = 0.9 * math.log(0.9 / 0.6) + 0.1 * math.log(0.1 / 0.4)
     expected = kl_pos1 + kl_pos2  # position 0 (predicts the prompt) and 3 (after the end) excluded
-    got = M.sequence_kl(ref, pol, mask)
-    assert got.item() == pytest.approx(expected, rel=1e-9)
+    pol_lp, ref_lp, kl = _kl(ref, pol, ids, mask)
+    assert kl.item() == pytest.approx(expected, rel=1e-9)
     assert expected == pytest.approx(0.2231 + 0.2263, abs=1e-3)
+    # response tokens 0 then 1: p(0 | pos 1) * p(1 | pos 2)
+    assert pol_lp.item() == pytest.approx(math.log(0.8) + math.log(0.4), rel=1e-9)
+    assert ref_lp.item() == pytest.approx(math.log(0.5) + math.log(0.1), rel=1e-9)
 
 
 def test_sequence_kl_on_a_three_token_vocabulary_and_direction():
@@ -48,35 +61,31 @@ def test_sequence_kl_on_a_three_token_vocabulary_and_direction():
     q = [0.6, 0.3, 0.1]
     ref = torch.stack([_logits(p), _logits([1 / 3] * 3)])[None]
     pol = torch.stack([_logits(q), _logits([1 / 3] * 3)])[None]
+    ids = torch.tensor([[0, 2]])
     mask = torch.tensor([[False, True]])
     expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))  # KL(ref || policy)
-    assert M.sequence_kl(ref, pol, mask).item() == pytest.approx(expected, rel=1e-9)
+    assert _kl(ref, pol, ids, mask)[2].item() == pytest.approx(expected, rel=1e-9)
     reverse = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
-    assert M.sequence_kl(pol, ref, mask).item() == pytest.approx(reverse, rel=1e-9)
+    assert _kl(pol, ref, ids, mask)[2].item() == pytest.approx(reverse, rel=1e-9)
     assert expected != pytest.approx(reverse)
 
 
-def test_our_kl_and_logps_agree_with_the_objectives():
-    from fpo_recipes.evaluate.compute import _logps_and_kl
+def test_padding_is_not_counted():
+    # the second row is padded after its one response token: the pad position's
+    # (wildly different) distributions must not enter its KL or log-prob
+    ref = torch.stack([_logits([0.5, 0.5]), _logits([0.9, 0.1]), _logits([0.5, 0.5])])[None].repeat(2, 1, 1)
+    pol = torch.stack([_logits([0.5, 0.5]), _logits([0.6, 0.4]), _logits([0.01, 0.99])])[None].repeat(2, 1, 1)
+    ids = torch.tensor([[0, 0, 1], [0, 0, 1]])
+    rmask = torch.tensor([[False, True, True], [False, True, True]])
+    attn = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    pol_lp, _, kl = _kl(ref, pol, ids, rmask, attn)
+    kl_pos0 = 0.0  # position 0 predicts the first response token with identical distributions
+    kl_pos1 = 0.9 * math.log(0.9 / 0.6) + 0.1 * math.log(0.1 / 0.4)
+    assert kl.tolist() == pytest.approx([kl_pos0 + kl_pos1, kl_pos0], abs=1e-12)
+    assert pol_lp.tolist() == pytest.approx([math.log(0.5) + math.log(0.4), math.log(0.5)], rel=1e-9)
 
-    torch.manual_seed(1)
-    ids = torch.randint(0, 7, (3, 6))
-    pol, ref = torch.randn(3, 6, 7), torch.randn(3, 6, 7)
-    rmask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
-    attn = torch.ones(3, 6, dtype=torch.long)
-    pol_lp, ref_lp, kl = _logps_and_kl(pol, ref, ids, rmask, attn)
-    assert torch.allclose(kl, M.sequence_kl(ref, pol, rmask).double(), atol=1e-5)
-    assert torch.allclose(pol_lp, M.sequence_logps(pol, ids, rmask).double(), atol=1e-5)
-    assert torch.allclose(ref_lp, M.sequence_logps(ref, ids, rmask).double(), atol=1e-5)
 
-
-def test_sequence_logps_and_implicit_reward_accuracy():
-    # vocab 2; response token ids at positions 1, 2
-    logits = torch.stack([_logits([0.25, 0.75]), _logits([0.5, 0.5]), _logits([1.0 - 1e-12, 1e-12])])[None]
-    ids = torch.tensor([[0, 1, 0]])
-    mask = torch.tensor([[False, True, True]])
-    assert M.sequence_logps(logits, ids, mask).item() == pytest.approx(math.log(0.75) + math.log(0.5))
-
+def test_implicit_reward_accuracy():
     pol = torch.tensor([-4.0, -6.0, -10.0, -3.0])  # chosen: [0, 1], rejected: [2, 3]
     ref = torch.tensor([-5.0, -5.0, -9.0, -5.0])
     lengths = torch.tensor([2, 4, 2, 4])
@@ -118,14 +127,16 @@ def test_feature_shift_targeted_versus_untargeted():
 def test_entropy_and_diversity():
     uniform3 = torch.zeros(1, 2, 3)
     assert M.token_entropy(uniform3)[0, 0].item() == pytest.approx(math.log(3))
-    peaked = _logits([1.0, 1e-30, 1e-30]).expand(1, 2, 3)
-    mask = torch.tensor([[True, False]])
-    assert M.mean_predictive_entropy(peaked, mask) == pytest.approx(0.0, abs=1e-12)
-    assert M.mean_predictive_entropy(uniform3, mask) == pytest.approx(math.log(3))
+    peaked = _logits([1.0, 1e-30, 1e-30])
+    assert M.token_entropy(peaked).item() == pytest.approx(0.0, abs=1e-12)
     assert M.ngram_entropy([[1, 2], [1, 2]], 1) == pytest.approx(math.log(2))
     assert M.ngram_entropy([[5, 5, 5]], 1) == 0.0
     assert M.distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
     assert math.isnan(M.ngram_entropy([], 1))
+    # two prompts, the second with an empty generation (its entropy is NaN and left out)
+    gens = C.Generations(prompts=[[1], [2]], samples=[[[4, 5]], [[]]], entropies=[[0.5], [float("nan")]])
+    assert C.generation_metrics(gens) == {"entropy": 0.5, "unigram_entropy": pytest.approx(math.log(2)),
+                                          "distinct_2": 1.0, "mean_generation_length": 1.0}
 
 
 def test_win_rate_accuracy_and_sem():

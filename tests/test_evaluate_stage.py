@@ -8,13 +8,21 @@ import shutil
 import pytest
 import torch
 
-from fpo_recipes.evaluate import metrics as M
+from fpo_recipes import plots
 from fpo_recipes.recipe import load_recipe
 from fpo_recipes.stages import evaluate as E
 
 EVAL = {"generation": {"max_new_tokens": 6, "num_samples": 2, "num_prompts": 2}}
 DATA = {"heldout_size": 3}
 TARGETED = [{"name": "pinned", "features": [3, 5], "weight": 1.0}]
+
+
+def _seq_kl(ref_logits, pol_logits, response_mask):
+    """An independent dense SeqKL: sum over positions t predicting a response token (t + 1)
+    of KL(ref || policy), in float64."""
+    ref, pol = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(pol_logits.double(), -1)
+    kl = (ref.exp() * (ref - pol)).sum(-1)
+    return (kl[:, :-1] * response_mask[:, 1:].double()).sum(-1)
 
 
 def _trained_copy(src, dst, noise: float = 0.0, seed: int = 1):
@@ -41,11 +49,27 @@ def _trainer_state(path, steps=4):
     (path / "trainer_state.json").write_text(json.dumps({"global_step": steps, "log_history": log}))
 
 
-def test_identical_model_gives_zero_kl_and_mse(write_recipe, tiny_model_dir):
-    recipe = load_recipe(write_recipe(data=DATA, constraints=TARGETED, evaluate=EVAL))
+NO_MARKER = ("{out} has no train.done.json and no trainer log of a finished training: evaluating {out}, "
+             "which may be a partly trained model (hint: finish training with `fpo run`, or pass --model-dir "
+             "to choose the model)")
+JUDGE_IGNORED = ("evaluate.judge is set but evaluate.metrics has no win_rate, so no win rate is computed "
+                 "(hint: add win_rate to evaluate.metrics, or remove evaluate.judge)")
+
+
+def test_identical_model_gives_zero_kl_and_mse(write_recipe, tiny_model_dir, capsys):
+    judge = {"endpoint": "http://judge.invalid/v1", "model": "judge", "baseline_run": "elsewhere"}
+    recipe = load_recipe(write_recipe(data=DATA, constraints=TARGETED, evaluate={**EVAL, "judge": judge}))
     _trained_copy(tiny_model_dir, recipe.output_dir)
     path = E.run_evaluate(recipe, device="cpu")
     result = json.loads(path.read_text())
+    # no train marker, no finished trainer log; a judge without win_rate: said, not silent
+    warnings = [NO_MARKER.format(out=recipe.output_dir), JUDGE_IGNORED]
+    assert result["warnings"] == warnings
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("warning:")] == [f"warning: {w}" for w in warnings]
+    report = (path.parent / "report.md").read_text()
+    assert all(f"> **Warning:** {w}" in report for w in warnings)
+    assert "win_rate" not in result and "win_rate" not in result["metrics"]["trained"]
     t, r = result["metrics"]["trained"], result["metrics"]["reference"]
     for key in ("seq_kl_chosen", "seq_kl_rejected", "feature_mse_chosen", "feature_mse_rejected",
                 "feature_divergence_chosen", "feature_divergence_rejected"):
@@ -77,6 +101,7 @@ def test_perturbed_model_writes_metrics_report_plots(write_recipe, tiny_model_di
     assert result["generation"]["num_samples"] == 2 and result["generation"]["temperature"] == 1.0
     assert result["training"]["steps"] == 4 and result["training"]["final"]["loss"] == pytest.approx(0.5)
     assert set(result["plots"].values()) == {"training_curves.png", "kl_mse.png", "feature_shift.png"}
+    assert result["warnings"] == []  # the trainer log there records a finished training
 
     # the stage's SeqKL of the first chosen response, recomputed independently from the two models
     from transformers import AutoModelForCausalLM
@@ -91,7 +116,7 @@ def test_perturbed_model_writes_metrics_report_plots(write_recipe, tiny_model_di
     pol = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        kl = M.sequence_kl(ref(**kw).logits, pol(**kw).logits, batch["response_mask"])
+        kl = _seq_kl(ref(**kw).logits, pol(**kw).logits, batch["response_mask"])
     assert result["per_pair"]["seq_kl_chosen"][0] == pytest.approx(kl[0].item(), rel=1e-4)
     assert result["per_pair"]["seq_kl_rejected"][0] == pytest.approx(kl[1].item(), rel=1e-4)
 
@@ -120,7 +145,12 @@ def test_answer_accuracy_win_rate_and_compare(write_recipe, tiny_model_dir, tmp_
 
     # run B: fpo, with answer accuracy through a stand-in verifier and a win rate against A
     calls = []
-    monkeypatch.setattr(E, "_quickstart_callable", lambda name: (lambda p, r: (calls.append(p), len(r) % 2 == 0)[1]) if name == "verify" else None)
+
+    def verify(prompt, response):
+        calls.append(prompt)
+        return len(response) % 2 == 0
+
+    monkeypatch.setattr(E, "quickstart_verifier", lambda recipe: verify)
     monkeypatch.setattr(J, "chat_completion", lambda endpoint, model, messages, api_key=None, timeout=60.0: "A")
     judge = {"endpoint": "http://judge.invalid/v1", "model": "judge", "baseline_run": str(a.output_dir)}
     evaluate = {**EVAL, "metrics": ["preference_accuracy", "seq_kl", "feature_mse", "entropy", "answer_accuracy", "win_rate"], "judge": judge}
@@ -154,3 +184,92 @@ def test_missing_trained_model_is_a_clear_error(write_recipe):
         E.find_trained_model(load_recipe(path))
     result = CliRunner().invoke(app, ["evaluate", str(path)])
     assert result.exit_code == 1 and "no trained model" in result.output
+
+
+def _model_dir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_which_model_is_evaluated_and_when_to_warn(write_recipe):
+    recipe = load_recipe(write_recipe(data=DATA))
+    out = recipe.output_dir
+    # an interrupted run: only a checkpoint
+    cp = _model_dir(out / "checkpoint-4")
+    found, warning = E.find_trained_model(recipe)
+    assert found == cp and warning == NO_MARKER.format(out=out).replace(f"evaluating {out}", f"evaluating {cp}")
+    # a final model, but the trainer log there does not record the end of training
+    _model_dir(out)
+    (out / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 4, "loss": 0.5}]}))
+    assert E.find_trained_model(recipe) == (out, NO_MARKER.format(out=out))
+    # `fpo train` / `axolotl train` ran to the end: the log records train_runtime
+    _trainer_state(out)
+    assert E.find_trained_model(recipe) == (out, None)
+    # the train stage's marker names the model: trusted as it is
+    (out / "trainer_state.json").unlink()
+    final = _model_dir(out / "elsewhere")
+    (out / "train.done.json").write_text(json.dumps({"outputs": [str(final)]}))
+    assert E.find_trained_model(recipe) == (final, None)
+
+
+def test_bad_model_dir_fails_before_anything_loads(write_recipe, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fpo_recipes.models
+    from fpo_recipes.cli.main import app
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded a model before checking --model-dir")
+
+    monkeypatch.setattr(fpo_recipes.models, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(fpo_recipes.models, "load_reference_model", must_not_load)
+    path = write_recipe(data=DATA)
+    missing, empty = tmp_path / "nope", tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["evaluate", str(path), "--model-dir", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"error: --model-dir: {missing} does not exist (hint: point it at a trained model directory)" in result.output
+    result = CliRunner().invoke(app, ["evaluate", str(path), "--model-dir", str(empty)])
+    assert result.exit_code == 2, result.output
+    assert f"error: --model-dir: {empty} is not a model directory: it has no config.json or adapter_config.json" in result.output
+    with pytest.raises(E.EvaluateError, match="is not a model directory"):
+        E.run_evaluate(load_recipe(path), model_dir=empty)
+
+
+def test_trainer_log_prefers_output_dir_then_newest_checkpoint(write_recipe):
+    recipe = load_recipe(write_recipe(data=DATA))
+    out = recipe.output_dir
+    for n in (2, 10):  # 10 sorts before 2 as text: the newest is found by number
+        _trainer_state(_model_dir(out / f"checkpoint-{n}"), steps=n)
+    assert E.find_trainer_state(recipe, out) == out / "checkpoint-10" / "trainer_state.json"
+    _trainer_state(_model_dir(out))  # saved after training: the whole log
+    assert E.find_trainer_state(recipe, out) == out / "trainer_state.json"
+    # a checkpoint evaluated on purpose keeps its own log
+    assert E.find_trainer_state(recipe, out / "checkpoint-2") == out / "checkpoint-2" / "trainer_state.json"
+
+
+# the FPO plugin's and Axolotl's log keys (from a real quickstart run's trainer_state.json)
+REAL_LOG_ENTRY = {
+    "constraint": -0.00809, "constraint/chosen": 1.39894, "constraint/rejected": 1.23704, "epoch": 0.5,
+    "grad_norm": 23.69, "learning_rate": 2e-06, "logps/chosen": -5.46766, "logps/rejected": -6.83627,
+    "loss": 0.65988, "lpd": 0.04562, "margin": -0.01707, "memory/device_reserved (GiB)": 0.0,
+    "memory/max_active (GiB)": 0.0, "memory/max_allocated (GiB)": 0.0, "missing_ref_features": 0.0,
+    "ppl": 1.93456, "rewards/accuracies": 0.75, "rewards/chosen": -0.08392, "rewards/margins": 0.06269,
+    "rewards/rejected": -0.1466, "step": 32,
+}
+
+
+def test_training_curves_draw_the_objectives_quantities(tmp_path):
+    history = [{**REAL_LOG_ENTRY, "step": s, "loss": 0.7 - 0.01 * s} for s in range(1, 6)]
+    history.append({"step": 5, "train_runtime": 3.0, "train_loss": 0.66, "total_flos": 1.0})
+    assert plots.curve_keys(history) == [
+        "loss", "lpd", "margin", "constraint", "constraint/chosen", "constraint/rejected", "rewards/accuracies",
+        "missing_ref_features", "rewards/margins", "logps/chosen", "logps/rejected", "rewards/chosen",
+        "rewards/rejected", "grad_norm", "learning_rate",
+    ]  # ppl and memory/* are left out
+    # an unknown logged quantity comes before the optimizer's bookkeeping
+    keys = plots.curve_keys([{**e, "kl/extra": 1.0} for e in history if "loss" in e], limit=14)
+    assert keys[-2:] == ["rewards/rejected", "kl/extra"]
+    png = plots.plot_training_curves(history, tmp_path / "curves.png", title="t")
+    assert png.stat().st_size > 10_000

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-import pytest
 import yaml
 
+from fpo_recipes import plots
 from fpo_recipes.recipe import load_recipe
-
-pytest.importorskip("fpo_recipes.stages.train")
-pytest.importorskip("axolotl")
+from fpo_recipes.stages import run as pipeline
 
 
 def test_fpo_run_end_to_end_then_everything_is_reused(write_recipe):
-    from fpo_recipes.stages import run as pipeline
-
     path = write_recipe(
         data={"heldout_size": 2},
         constraints=[{"name": "pinned", "features": [3, 17], "weight": 2.0}],
@@ -31,6 +28,11 @@ def test_fpo_run_end_to_end_then_everything_is_reused(write_recipe):
     t = result["metrics"]["trained"]
     assert t["seq_kl_chosen"] > 0 and t["feature_mse_chosen"] > 0  # training moved the policy
     assert result["training"]["steps"] >= 1 and (metrics_path.parent / "training_curves.png").is_file()
+    assert result["warnings"] == []  # the train stage's marker vouches for the model
+    # the curves drawn are the plugin's own log keys, the objective's terms first
+    history = json.loads(Path(result["training"]["source"]).read_text())["log_history"]
+    assert plots.curve_keys(history)[:8] == ["loss", "lpd", "margin", "constraint", "constraint/chosen",
+                                             "constraint/rejected", "rewards/accuracies", "missing_ref_features"]
     assert result["eval"]["split"] == "eval" and result["eval"]["n_pairs"] == 2
     shifts = result["targeted_shift"]["1"]  # the recipe's SAE layer
     assert [f["id"] for f in shifts["targeted"]] == [3, 17] and shifts["untargeted"]["count"] > 0

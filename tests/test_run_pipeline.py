@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,14 @@ import yaml
 
 from fpo_recipes.recipe import load_recipe
 from fpo_recipes.stages import run as pipeline
+
+
+METRICS = {
+    "run": "tiny-fpo", "method": "fpo", "eval": {"n_pairs": 3},
+    "metrics": {"trained": {"preference_accuracy": 0.75, "seq_kl_chosen": 1.25},
+                "reference": {"preference_accuracy": None, "seq_kl_chosen": 0.0}},
+    "warnings": ["the model may be partly trained"],
+}
 
 
 class Recorder:
@@ -31,6 +40,8 @@ class Recorder:
                 raise RuntimeError(f"{stage} broke")
             out = recipe.output_dir / f"{stage}-output"
             out.mkdir(parents=True, exist_ok=True)
+            if stage == "evaluate":  # what the CLI reads for its closing table
+                (out / "metrics.json").write_text(json.dumps(METRICS))
             return out
 
         return runner
@@ -127,19 +138,61 @@ def test_missing_outputs_rerun_the_stage(write_recipe):
     path = write_recipe()
     _run(path, Recorder())
     recipe = load_recipe(path)
-    (recipe.output_dir / "evaluate-output").rmdir()
+    shutil.rmtree(recipe.output_dir / "evaluate-output")
     rec = Recorder()
     _run(path, rec)
     assert rec.stages == ["evaluate"]
 
 
+SIMPO = {"method": "simpo", "beta": 2.0, "gamma": 0.5, "alpha": None, "k": 4, "pooling": "mean"}
+
+
 def test_simpo_skips_precompute(write_recipe):
-    path = write_recipe(objective={"method": "simpo", "beta": 2.0, "gamma": 0.5, "alpha": None, "k": 4, "pooling": "mean"})
+    path = write_recipe(objective=SIMPO)
     rec = Recorder()
     _run(path, rec)
     assert rec.stages == ["train", "evaluate"]
     plans = pipeline.plan_pipeline(load_recipe(path))
     assert plans[0].action == "skip" and "cache" in plans[0].reason
+
+
+def test_only_precompute_for_a_method_without_cache_is_an_error(write_recipe):
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+
+    path = write_recipe(objective=SIMPO)
+    rec = Recorder()
+    with pytest.raises(pipeline.PipelineError) as info:
+        _run(path, rec, only="precompute")
+    assert str(info.value) == (
+        "--only precompute: simpo does not use the offline reference cache, so there is nothing to run "
+        "(hint: --only train or --only evaluate)"
+    )
+    assert rec.calls == []
+    result = CliRunner().invoke(app, ["run", str(path), "--only", "precompute"])
+    assert result.exit_code == 2 and f"error: {info.value}" in result.output
+    result = CliRunner().invoke(app, ["run", str(path), "--only", "precompute", "--dry-run"])
+    assert result.exit_code == 2 and f"error: {info.value}" in result.output
+
+
+def test_a_fingerprint_error_surfaces_by_name(write_recipe, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+
+    def broken(recipe):
+        raise OSError("reference weights unreadable")
+
+    path = write_recipe()
+    _run(path, Recorder())  # markers exist: the next plan compares fingerprints
+    monkeypatch.setattr(pipeline, "cache_fingerprint", broken)
+    with pytest.raises(OSError, match="reference weights unreadable"):
+        pipeline.plan_pipeline(load_recipe(path))
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["run", str(path), *extra])
+        assert result.exit_code == 1, result.output
+        assert "error: OSError: reference weights unreadable" in result.output
 
 
 def test_ctrl_c_keeps_finished_stages_and_resumes(write_recipe):
@@ -176,6 +229,8 @@ def test_fingerprint_is_stable_and_sensitive(write_recipe):
 
 
 def test_quickstart_prestep_runs_when_sae_missing(write_recipe, tmp_path, monkeypatch):
+    from fpo_recipes import quickstart
+
     missing = tmp_path / "quickstart_sae"
     path = write_recipe(sae={"path": str(missing), "layer": 1, "hook": "resid_post"})
     calls = []
@@ -184,7 +239,7 @@ def test_quickstart_prestep_runs_when_sae_missing(write_recipe, tmp_path, monkey
         calls.append(recipe.name)
         missing.mkdir()
 
-    monkeypatch.setattr(pipeline, "_quickstart_hook", lambda: ensure)
+    monkeypatch.setattr(quickstart, "ensure_quickstart_sae", ensure)
     rec = Recorder()
     _run(path, rec)
     assert calls == ["tiny-fpo"] and rec.stages == ["precompute", "train", "evaluate"]
@@ -213,5 +268,18 @@ def test_cli_run_plan_and_ctrl_c_exit_code(write_recipe, monkeypatch):
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     assert rec2.stages == ["train", "evaluate"]
+    _assert_headline(result.output)
+    result = CliRunner().invoke(app, ["run", str(path)])  # every stage reused: the numbers again
+    assert result.exit_code == 0 and rec2.stages == ["train", "evaluate"], result.output
+    assert result.output.count(" reuse ") == 3
+    _assert_headline(result.output)
     result = CliRunner().invoke(app, ["run", str(path), "--only", "bogus"])
     assert result.exit_code == 2
+
+
+def _assert_headline(output: str) -> None:
+    """The closing reference-vs-trained table of the report's numbers, and its warnings."""
+    assert "tiny-fpo (fpo): 3 held-out pairs" in output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in output.splitlines() if line.startswith("│")]
+    assert rows == [["Acc (implicit reward)", "n/a", "0.7500"], ["SeqKL chosen", "0.0000", "1.2500"]]
+    assert "warning: the model may be partly trained" in output

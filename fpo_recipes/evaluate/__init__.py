@@ -1,9 +1,10 @@
 """Evaluation: the paper's metrics, separated from I/O.
 
-- :mod:`.metrics`: pure functions of tensors (SeqKL, feature MSE / divergence, implicit-reward
+- :mod:`.metrics`: pure functions of tensors (feature MSE / divergence, implicit-reward
   accuracy, predictive entropy, n-gram diversity, targeted feature shifts, win rates);
 - :mod:`.compute`: forward passes of the trained and reference models over collated pairs
-  and sampled generations (no files);
+  (response log-probs and SeqKL through the objectives' kernels) and sampled generations
+  (no files);
 - :mod:`.judge`: pairwise judging through an OpenAI-compatible endpoint (stdlib HTTP, optional).
 
 The stage that reads the recipe and writes ``<output_dir>/eval/`` is

@@ -38,8 +38,12 @@ class PairStats:
         return t[self.n_pairs :]
 
 
-def _logps_and_kl(pol_logits, ref_logits, input_ids, response_mask, attention_mask):
-    """Summed response log-probs of both models and SeqKL(ref || policy), per sequence (chunked)."""
+def logps_and_kl(pol_logits, ref_logits, input_ids, response_mask, attention_mask):
+    """Summed response log-probs of both models and SeqKL, per sequence ([B] float64 each).
+
+    ``logits[:, t]`` predicts token ``t + 1``; ``response_mask`` is True on response tokens
+    only. SeqKL = sum over the positions predicting a response token of
+    KL(pi_ref || pi_theta) (paper Fig. 3), through the objectives' chunked kernels."""
     from fpo_recipes.objectives import response_logprobs_from_logits, sequence_kl_from_logits, shift_labels
 
     labels = shift_labels(input_ids, response_mask, attention_mask)
@@ -90,7 +94,7 @@ def pair_statistics(
         n2 = ids.shape[0]
         pol_logits, pol_pooled = _forward(policy, batch, layers, hook, saes, pooling)
         ref_logits, ref_pooled = _forward(reference, batch, layers, hook, saes, pooling)
-        pol_lp, ref_lp, kl = _logps_and_kl(pol_logits, ref_logits, ids, rmask, batch["attention_mask"])
+        pol_lp, ref_lp, kl = logps_and_kl(pol_logits, ref_logits, ids, rmask, batch["attention_mask"])
         parts["pol"].append(pol_lp)
         parts["ref"].append(ref_lp)
         parts["len"].append(rmask.sum(-1).cpu())

@@ -1,13 +1,9 @@
 """Pure metric functions: tensors and numbers in, tensors and numbers out. No I/O.
 
-Conventions (shared with the objectives):
-- ``logits[:, t]`` predicts token ``t + 1``; ``response_mask[:, t]`` is True on response
-  tokens only (never BOS, prompt or padding). The distributions that matter for a
-  response are therefore at positions ``t`` with ``response_mask[:, t + 1]`` True:
-  :func:`prediction_mask` makes that shift.
-- KL is ``KL(pi_ref || pi_theta)`` per position, summed over the response (the paper's
-  SeqKL, Figure 3).
-- Pooled SAE activations are ``[B, F]`` tensors (the same pooling as training).
+Response log-probs and SeqKL are not here: the evaluation computes them with the
+objectives' chunked kernels (see :func:`fpo_recipes.evaluate.compute.logps_and_kl`), the
+same code training uses. Pooled SAE activations are ``[B, F]`` tensors (the same pooling as
+training).
 """
 
 from __future__ import annotations
@@ -24,35 +20,7 @@ def _f(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-# --- masks and log-probs ------------------------------------------------------------------
-def prediction_mask(response_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] response mask -> [B, T] mask of the positions whose logits predict a response token."""
-    mask = torch.zeros_like(response_mask, dtype=torch.bool)
-    mask[:, :-1] = response_mask[:, 1:].bool()
-    return mask
-
-
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probs of the response tokens, [B] (float32 math)."""
-    logp = torch.log_softmax(_f(logits[:, :-1]), dim=-1)
-    labels = input_ids[:, 1:]
-    token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return (token_logp * response_mask[:, 1:].float()).sum(-1)
-
-
-def token_kl(ref_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
-    """KL(ref || policy) at every position: [..., V] -> [...] (nats)."""
-    ref_logp = torch.log_softmax(_f(ref_logits), dim=-1)
-    pol_logp = torch.log_softmax(_f(policy_logits), dim=-1)
-    return (ref_logp.exp() * (ref_logp - pol_logp)).sum(-1)
-
-
-def sequence_kl(ref_logits: torch.Tensor, policy_logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """SeqKL(x, y) = sum over response tokens of KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t)), [B]."""
-    kl = token_kl(ref_logits, policy_logits)
-    return (kl * prediction_mask(response_mask).float()).sum(-1)
-
-
+# --- distributions -----------------------------------------------------------------------
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the categorical distribution at every position: [..., V] -> [...]."""
     logp = torch.log_softmax(_f(logits), dim=-1)
@@ -179,14 +147,6 @@ def feature_shift(
 
 
 # --- diversity -----------------------------------------------------------------------------
-def mean_predictive_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean per-token entropy (nats) of the model's distribution at the masked positions."""
-    ent = token_entropy(logits)
-    m = mask.float()
-    total = m.sum()
-    return float((ent * m).sum() / total) if total > 0 else float("nan")
-
-
 def ngram_entropy(sequences: Iterable[Sequence], n: int = 1) -> float:
     """Shannon entropy (nats) of the n-gram distribution pooled over all sequences."""
     counts: Counter = Counter()

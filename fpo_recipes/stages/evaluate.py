@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,28 +40,59 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(cps, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def find_trained_model(recipe: Recipe) -> Path:
-    """The trained model directory: the train stage's recorded output, else a model saved in
-    ``output_dir`` (itself, ``final``/``model``), else its latest ``checkpoint-N``."""
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` as a model directory (full weights or a LoRA adapter), or a clear error."""
+    p = Path(path)
+    if not p.exists():
+        raise EvaluateError(f"{p} does not exist (hint: point it at a trained model directory)")
+    if not _is_model_dir(p):
+        raise EvaluateError(f"{p} is not a model directory: it has no config.json or adapter_config.json")
+    return p
+
+
+def _training_finished(out: Path) -> bool:
+    """``out/trainer_state.json`` (saved after training) logs the end of training (train_runtime)."""
+    try:
+        history = json.loads((out / "trainer_state.json").read_text()).get("log_history", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(isinstance(e, dict) and "train_runtime" in e for e in history)
+
+
+def find_trained_model(recipe: Recipe) -> tuple[Path, str | None]:
+    """The trained model directory and, when nothing says training finished, a warning.
+
+    Looked for in the train stage's recorded output (``train.done.json``), then ``output_dir``
+    itself or its ``final``/``model``, then its latest ``checkpoint-N``. Without the marker,
+    a model saved in ``output_dir`` counts as finished only when the trainer log there
+    records the end of training; anything else may be what an interrupted run left."""
     out = recipe.output_dir
     candidates: list[Path] = []
     try:
         marker = json.loads((out / "train.done.json").read_text())
         candidates += [Path(p) for p in marker.get("outputs", [])]
     except (OSError, ValueError):
-        pass
+        marker = None
     candidates += [out / "final", out / "model", out]
-    for c in candidates:
-        if _is_model_dir(c):
-            return c
-    cps = [c for c in _checkpoints(out) if _is_model_dir(c)]
-    if cps:
-        return cps[-1]
-    raise EvaluateError(f"no trained model under {out} (hint: run `fpo train` or `fpo run` on the recipe first)")
+    found = next((c for c in candidates if _is_model_dir(c)), None)
+    if found is None:
+        cps = [c for c in _checkpoints(out) if _is_model_dir(c)]
+        found = cps[-1] if cps else None
+    if found is None:
+        raise EvaluateError(f"no trained model under {out} (hint: run `fpo train` or `fpo run` on the recipe first)")
+    if marker is not None or (found in candidates and _training_finished(out)):
+        return found, None
+    return found, (
+        f"{out} has no train.done.json and no trainer log of a finished training: evaluating {found}, "
+        "which may be a partly trained model (hint: finish training with `fpo run`, or pass --model-dir "
+        "to choose the model)"
+    )
 
 
 def find_trainer_state(recipe: Recipe, model_dir: Path | None) -> Path | None:
-    """trainer_state.json with the training log (model dir, output dir, latest checkpoint)."""
+    """trainer_state.json with the training log: the model directory's own (a checkpoint, or a
+    model from elsewhere), ``output_dir``'s (saved after training, the whole log), else the
+    newest checkpoint's."""
     roots = [p for p in (model_dir, recipe.output_dir) if p is not None]
     for root in roots:
         if (root / "trainer_state.json").is_file():
@@ -166,41 +198,13 @@ def _eos_ids(tokenizer, model) -> list[int]:
 
 
 # --- optional metrics ----------------------------------------------------------------------
-def _quickstart_callable(name: str):
-    """``fpo_recipes.quickstart.<name>`` (or its ``data`` module's), if the quickstart is installed."""
-    try:
-        import fpo_recipes.quickstart as qs
-    except ImportError:
-        return None
-    fn = getattr(qs, name, None)
-    if fn is None:
-        try:
-            from fpo_recipes.quickstart import data as qd
-        except ImportError:
-            return None
-        fn = getattr(qd, name, None)
-    return fn if callable(fn) else None
+def quickstart_verifier(recipe: Recipe) -> Callable[[str, str], bool] | None:
+    """The quickstart answer checker ``verify(prompt, response)`` when answer_accuracy is asked
+    for or the recipe's data are quickstart pairs; None otherwise."""
+    from fpo_recipes import quickstart
 
-
-def quickstart_verifier(recipe: Recipe, prompts: list[str] | None = None) -> Callable[[str, str], bool] | None:
-    """The quickstart data checker ``verify(prompt, response)`` when answer_accuracy is asked
-    for, or when the data came from the quickstart generator (the package's
-    ``is_quickstart_data(recipe)`` says so, or every prompt parses as a quickstart question);
-    None otherwise."""
-    verify = _quickstart_callable("verify")
-    if verify is None:
-        return None
-    if "answer_accuracy" in recipe.evaluate.metrics:
-        return verify
-    detect = _quickstart_callable("is_quickstart_data")
-    if detect is not None:
-        try:
-            return verify if detect(recipe) else None
-        except Exception:  # noqa: BLE001 - detection is best-effort
-            return None
-    parse = _quickstart_callable("parse_question")
-    if parse is not None and prompts and all(parse(p) is not None for p in prompts):
-        return verify
+    if "answer_accuracy" in recipe.evaluate.metrics or quickstart.is_quickstart_data(recipe):
+        return quickstart.verify
     return None
 
 
@@ -220,6 +224,20 @@ def _baseline_generations(recipe: Recipe, baseline_run: str) -> dict[str, str]:
 
 
 # --- the stage -----------------------------------------------------------------------------
+def preflight(recipe: Recipe, model_dir: str | Path | None = None) -> tuple[Path, list[str]]:
+    """Before anything loads: the model to evaluate (checked) and the warnings for the report."""
+    warnings: list[str] = []
+    if model_dir is not None:
+        model_dir = check_model_dir(model_dir)
+    else:
+        model_dir, warning = find_trained_model(recipe)
+        warnings += [warning] if warning else []
+    if recipe.evaluate.judge is not None and "win_rate" not in recipe.evaluate.metrics:
+        warnings.append("evaluate.judge is set but evaluate.metrics has no win_rate, so no win rate is computed "
+                        "(hint: add win_rate to evaluate.metrics, or remove evaluate.judge)")
+    return model_dir, warnings
+
+
 def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=None, pairs_per_batch: int | None = None,
                        judge_ask: Callable | None = None) -> tuple[dict, list[dict], list[dict]]:
     """Everything but the files: (metrics.json content, generation rows, trainer log)."""
@@ -229,16 +247,18 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
     from fpo_recipes.models import load_reference_model, load_tokenizer
     from fpo_recipes.objectives import get_method
 
-    device = _device(device)
+    model_dir, warnings = preflight(recipe, model_dir)
+    for w in warnings:  # now, before the long part, and again in the report
+        print(f"warning: {w}", file=sys.stderr)
     wanted = set(recipe.evaluate.metrics)
-    model_dir = model_dir or find_trained_model(recipe)
+    device = _device(device)
     tokenizer = load_tokenizer(recipe)
     ds, split, note = eval_pairs(recipe, tokenizer)
     from fpo_recipes.data import tokenize_pairs
 
     tokenized = tokenize_pairs(ds, tokenizer, recipe.data.max_length, recipe.data.max_prompt_length)
     reference = load_reference_model(recipe, device=device)
-    policy = load_trained_model(recipe, Path(model_dir), device=device)
+    policy = load_trained_model(recipe, model_dir, device=device)
     targeted = recipe.targeted_features()
 
     saes = {}
@@ -279,6 +299,7 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
         "reference_model": recipe.reference_model.name_or_path,
         "objective": recipe.objective.model_dump(mode="json"),
         "eval": {"split": split, "n_pairs": stats.n_pairs, "note": note, "metrics": sorted(wanted)},
+        "warnings": warnings,
         "metrics": {"trained": trained, "reference": reference_row},
         "sem": sem,
         "per_layer": {str(k): v for k, v in pm["per_layer"].items()} if "feature_mse" in wanted else {},
@@ -293,7 +314,7 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
 
     # generations: diversity, answer accuracy, win rate
     gen_rows: list[dict] = []
-    verifier = quickstart_verifier(recipe, list(ds["prompt"]))
+    verifier = quickstart_verifier(recipe)
     need_gen = bool(wanted & {"entropy", "win_rate"}) or verifier is not None
     if need_gen:
         g = recipe.evaluate.generation
@@ -343,7 +364,7 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
             result["metrics"]["trained"]["win_rate"] = wr["win_rate"]
             result["win_rate"] = {**wr, "baseline_run": j.baseline_run, "model": j.model, "endpoint": j.endpoint}
 
-    summary, history = training_summary(find_trainer_state(recipe, Path(model_dir)))
+    summary, history = training_summary(find_trainer_state(recipe, model_dir))
     if summary is not None:
         result["training"] = summary
     del policy, reference

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fpo_recipes.atomic_io import atomic_write_json
+from fpo_recipes.cache.fingerprint import cache_fingerprint, tree_digest
 from fpo_recipes.recipe.schema import Recipe
 
 STAGES: tuple[str, ...] = ("precompute", "train", "evaluate")
@@ -65,10 +66,6 @@ def _resolved(recipe: Recipe) -> dict[str, Any]:
 
 def _data_content(recipe: Recipe) -> dict[str, str | None]:
     """Content digests of local data files (an edited file reruns the stages that read it)."""
-    try:
-        from fpo_recipes.cache.fingerprint import tree_digest
-    except ImportError:
-        return {}
     out = {}
     for split in ("train", "eval"):
         source = getattr(recipe.data, split)
@@ -91,14 +88,7 @@ def stage_sections(recipe: Recipe, stage: str) -> dict[str, Any]:
             "pooling": d["objective"]["pooling"],
             "constraints": d["constraints"],
         }
-        try:  # the cache's own fingerprint also covers data contents
-            from fpo_recipes.cache import cache_fingerprint
-
-            out["cache_fingerprint"] = cache_fingerprint(recipe)
-        except ImportError:
-            pass
-        except Exception as exc:  # unreadable inputs: the stage itself will report them
-            out["cache_fingerprint"] = f"unavailable: {type(exc).__name__}"
+        out["cache_fingerprint"] = cache_fingerprint(recipe)  # also covers data and model contents
         return out
     if stage == "train":
         keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "precompute")
@@ -212,6 +202,10 @@ def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | Non
     _check_stage_name(only, "--only")
     if from_stage and only:
         raise PipelineError("use --from or --only, not both")
+    if only is not None:
+        needed, why_not = stage_needed(recipe, only)
+        if not needed:
+            raise PipelineError(f"--only {only}: {why_not}, so there is nothing to run (hint: --only train or --only evaluate)")
     markers = {s: read_marker(recipe, s) for s in STAGES}
     plans: list[StagePlan] = []
     will_run: set[str] = set()
@@ -286,14 +280,6 @@ Runner = Callable[[Recipe, bool], Any]
 DEFAULT_RUNNERS: dict[str, Runner] = {"precompute": _run_precompute, "train": _run_train, "evaluate": _run_evaluate}
 
 
-def _quickstart_hook() -> Callable[[Recipe], Any] | None:
-    try:
-        import fpo_recipes.quickstart as quickstart
-    except ImportError:
-        return None
-    return getattr(quickstart, "ensure_quickstart_sae", None)
-
-
 def _as_paths(result: Any, fallback: list[str]) -> list[Path]:
     if result is None:
         return [Path(p) for p in fallback]
@@ -323,20 +309,16 @@ def run_pipeline(
     to_run = [p for p in plans if p.action == "run"]
     sae_users = {"precompute", "train", "evaluate"} if recipe.objective.method == "fpo" else {"evaluate"}
     prestep = quickstart_sae_needed(recipe) and any(p.stage in sae_users for p in to_run)
-    hook = _quickstart_hook() if prestep else None
-    echo(format_plan(recipe, plans, prestep=prestep and hook is not None))
+    echo(format_plan(recipe, plans, prestep=prestep))
     results: dict[str, list[Path]] = {p.stage: [Path(o) for o in p.outputs] for p in plans if p.action == "reuse"}
     finished: list[str] = [p.stage for p in plans if p.action == "reuse"]
     current = "quickstart-sae"
     try:
         if prestep:
-            if hook is None:
-                raise PipelineError(
-                    f"sae.path {recipe.resolve_input(recipe.sae.path)} does not exist "
-                    "(hint: point it at an SAE, or use release + id)"
-                )
+            from fpo_recipes.quickstart import ensure_quickstart_sae  # heavy: only when the SAE is missing
+
             echo("[quickstart-sae] training the quickstart SAE")
-            hook(recipe)
+            ensure_quickstart_sae(recipe)
         for plan in to_run:
             current = plan.stage
             marker_path(recipe, plan.stage).unlink(missing_ok=True)
