@@ -175,9 +175,9 @@ def default_attention(location: str, revision: str | None) -> dict[str, str]:
         config = AutoConfig.from_pretrained(location, revision=revision)
     except Exception:  # noqa: BLE001 - a hub model not cached here: leave attention to Axolotl
         return {}
-    from fpo_recipes.models import _attn_kwargs
+    from fpo_recipes.models import attention_kwargs
 
-    return _attn_kwargs(config)
+    return attention_kwargs(config)
 
 
 def build_axolotl_config(recipe) -> dict[str, Any]:

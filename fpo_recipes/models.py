@@ -118,7 +118,7 @@ def load_tokenizer(recipe):
     return tokenizer
 
 
-def _attn_kwargs(config) -> dict[str, Any]:
+def attention_kwargs(config) -> dict[str, Any]:
     # Gemma 2 soft-caps attention logits, which only the eager kernel implements exactly.
     model_type = getattr(text_config(config), "model_type", "") or ""
     return {"attn_implementation": "eager"} if model_type.startswith("gemma2") else {}
@@ -136,7 +136,7 @@ def load_reference_model(recipe, device=None):
         revision=revision,
         dtype=torch_dtype(recipe.reference_model.dtype),
         trust_remote_code=recipe.model.trust_remote_code,
-        **_attn_kwargs(config),
+        **attention_kwargs(config),
     )
     if device is not None:
         model.to(device)

@@ -402,3 +402,14 @@ def test_malformed_model_config_json(tmp_path):
         f"{path}:4: model.name_or_path: {tmp_path / 'model' / 'config.json'} is not readable JSON "
         "(Expecting value: line 1 column 1 (char 0)) (hint: the model folder needs the Hugging Face config.json it was saved with)"
     )
+
+
+def test_validate_does_not_import_torch():
+    """`fpo validate` checks recipes before any compute: the schema, the method registry and
+    the shape checks stay free of torch (seconds saved on every call, and no CUDA init)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, fpo_recipes.cli.main, fpo_recipes.recipe; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

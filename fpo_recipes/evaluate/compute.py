@@ -129,7 +129,7 @@ def pair_metrics(stats: PairStats, method_spec, beta: float, k: int, targeted: M
     ``method_spec`` is the objective registry entry (its ``length_normalised`` and whether
     its margin is reference-relative decide the implicit reward, as in training)."""
     ln = bool(method_spec.length_normalised)
-    uses_ref = method_spec.margin in ("reference", "reference_ln")
+    uses_ref = method_spec.needs_reference_logps
     c, r = stats.chosen, stats.rejected
     L = stats.lengths
     pol_reward = M.implicit_rewards(stats.policy_logps, stats.ref_logps if uses_ref else None, L, beta, ln)

@@ -5,38 +5,41 @@ Every method is a configuration of ``u = LPD − margin − constraint``, ``loss
 log-probs / sequential KL (:mod:`.logprobs`) and the SAE feature divergence (:mod:`.features`).
 """
 
-from .config import POOLING_MODES, ObjectiveConfig
-from .features import FeatureDivergence, feature_divergence, pool_activations, sparse_topk
-from .logprobs import (
-    DEFAULT_CHUNK_SIZE,
-    IGNORE_INDEX,
-    response_logprobs_from_hidden,
-    response_logprobs_from_logits,
-    sequence_kl_from_hidden,
-    sequence_kl_from_logits,
-    shift_labels,
-)
-from .losses import ObjectiveOutput, PreferenceBatch, compute_objective
-from .registry import METHODS, MethodSpec, get_method
+import importlib
 
-__all__ = [
-    "DEFAULT_CHUNK_SIZE",
-    "IGNORE_INDEX",
-    "METHODS",
-    "POOLING_MODES",
-    "FeatureDivergence",
-    "MethodSpec",
-    "ObjectiveConfig",
-    "ObjectiveOutput",
-    "PreferenceBatch",
-    "compute_objective",
-    "feature_divergence",
-    "get_method",
-    "pool_activations",
-    "response_logprobs_from_hidden",
-    "response_logprobs_from_logits",
-    "sequence_kl_from_hidden",
-    "sequence_kl_from_logits",
-    "shift_labels",
-    "sparse_topk",
-]
+# name -> submodule. Loaded on first use (PEP 562): the recipe schema reads the registry and
+# the defaults in `fpo validate`, which must not pay for importing torch.
+_EXPORTS = {
+    "POOLING_MODES": "config",
+    "ObjectiveConfig": "config",
+    "FeatureDivergence": "features",
+    "feature_divergence": "features",
+    "pool_activations": "features",
+    "sparse_topk": "features",
+    "DEFAULT_CHUNK_SIZE": "logprobs",
+    "IGNORE_INDEX": "logprobs",
+    "response_logprobs_from_hidden": "logprobs",
+    "response_logprobs_from_logits": "logprobs",
+    "sequence_kl_from_hidden": "logprobs",
+    "sequence_kl_from_logits": "logprobs",
+    "shift_labels": "logprobs",
+    "ObjectiveOutput": "losses",
+    "PreferenceBatch": "losses",
+    "compute_objective": "losses",
+    "METHODS": "registry",
+    "MethodSpec": "registry",
+    "get_method": "registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -9,7 +9,7 @@ from pathlib import Path
 from fpo_recipes.objectives.registry import METHODS
 from fpo_recipes.recipe.features_file import read_features_file
 from fpo_recipes.recipe.loader import RecipeIssue, origin_of
-from fpo_recipes.recipe.sae_sources import SAECompatError, sae_sources
+from fpo_recipes.recipe.sae_sources import SAECompatError, layer_depth_problem, sae_sources, sae_width_problems
 from fpo_recipes.recipe.schema import Recipe
 from fpo_recipes.recipe.shapes import ShapeFileError, model_shape, sae_shape_from_path, sae_shape_from_release
 
@@ -57,9 +57,6 @@ def _check_files(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
 
 
 def _check_sae_shapes(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
-    # Imported here: fpo_recipes.sae imports this package. Its messages are the ones training says.
-    from fpo_recipes.sae import layer_depth_problem
-
     sae, issues, model = recipe.sae, [], None
     if "model" not in unparsed:
         try:
@@ -100,8 +97,6 @@ def _check_sae_shapes(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIs
 
 
 def _check_one_sae(recipe: Recipe, model, layer: int, shape, unparsed: frozenset[str]) -> list[RecipeIssue]:
-    from fpo_recipes.sae import sae_width_problems  # (see _check_sae_shapes)
-
     sae, issues = recipe.sae, []
     if shape.layer is not None and shape.layer != layer:
         issues.append(_issue(recipe, ("sae", "layer"),

@@ -1,10 +1,12 @@
-"""Where each layer's SAE comes from, resolved from the recipe alone (no torch, no loading),
-so that `fpo validate` and the SAE loader agree on it."""
+"""Where each layer's SAE comes from and whether it fits the model, decided from the recipe
+and shapes alone (no torch, no loading), so that `fpo validate` and the SAE loader agree."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from fpo_recipes.objectives.registry import get_method
 
 
 class SAECompatError(ValueError):
@@ -44,3 +46,42 @@ def sae_sources(recipe) -> dict[int, dict[str, Any]]:
         else:
             sources[layer] = {"path": raw}
     return sources
+
+
+# --- checks shared by validation and the SAE loader ----------------------------------
+# layer_depth_problem / sae_width_problems are pure (no model, no SAE object) so that every
+# place checking depth or width (here, hooks.py, recipe validation) says it the same way.
+
+def uses_sae(recipe) -> bool:
+    """Whether the recipe's ``sae`` section matters: only methods that train on SAE features
+    (fpo) use it; the others ignore it (the validator warns), so nothing loads or
+    fingerprints it."""
+    return recipe.sae is not None and get_method(recipe.objective.method).needs_sae
+
+
+def layer_depth_problem(layer: int, depth: int) -> str | None:
+    """Why ``layer`` is not a decoder layer of a ``depth``-layer model (None if it is one)."""
+    if 0 <= layer < depth:
+        return None
+    return (f"layer {layer} is past the model's depth ({depth} layers: 0..{depth - 1}) "
+            f"(hint: pick a layer below {depth}, with an SAE trained on it)")
+
+
+def sae_width_problems(width: int, feature_ids, k_cache: int | None = None, k: int | None = None) -> list[tuple[str, str]]:
+    """(recipe field, message) for each of ``k``, ``k_cache`` and the targeted feature ids that
+    does not fit an SAE of ``width`` features."""
+    problems = []
+    if k is not None and k > width:
+        problems.append(("objective.k", k_past_width(k, width)))
+    if k_cache is not None and k_cache > width:
+        problems.append(("precompute.k_cache",
+                         f"{k_cache} exceeds the SAE width {width} (hint: precompute.k_cache is at most the SAE's number of features)"))
+    bad = sorted(f for f in feature_ids if f >= width)
+    if bad:
+        problems.append(("constraints", f"feature id(s) {bad} are past the SAE width {width} (hint: ids are 0..{width - 1})"))
+    return problems
+
+
+def k_past_width(k: int, width: int) -> str:
+    """The message for objective.k > SAE width (said from the schema and from the shape checks)."""
+    return f"{k} exceeds the SAE width {width} (hint: objective.k is at most the SAE's number of features)"

@@ -13,12 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from fpo_recipes.objectives.config import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_POOLING, DEFAULT_STOP_GRADIENT, POOLING_MODES
 from fpo_recipes.objectives.registry import METHODS
+from fpo_recipes.recipe.sae_sources import k_past_width
 
 SCHEMA_VERSION = 1
 
 # Which method takes alpha, gamma or an SAE is the registry's to say (MethodSpec), not ours.
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 Dtype = Literal["float32", "bfloat16", "float16"]
+Pooling = Literal[POOLING_MODES]  # type: ignore[valid-type]
+SAEHook = Literal["resid_post", "mlp_out"]
+DataFormat = Literal["columns", "conversation"]
 OPTIMIZERS = (
     "adamw_torch",
     "adamw",
@@ -86,7 +90,7 @@ class SAESpec(Section):
     id: str | None = Field(None, description="sae-lens SAE id within the release, e.g. layer_25/width_16k/canonical")
     path: str | None = Field(None, description="local sae-lens directory or Gemma Scope params.npz")
     layer: int | list[int]
-    hook: Literal["resid_post", "mlp_out"] = "resid_post"
+    hook: SAEHook = "resid_post"
     width: int | None = Field(None, ge=1, description="SAE width if known; checked against objective.k")
 
     @field_validator("layer")
@@ -126,7 +130,7 @@ class ObjectiveSpec(Section):
     )
     gamma: float | None = None
     k: int = Field(DEFAULT_K, ge=1, description="features per sequence in the top-k union")
-    pooling: Literal[POOLING_MODES] = DEFAULT_POOLING  # type: ignore[valid-type]
+    pooling: Pooling = DEFAULT_POOLING
     stop_gradient: bool = DEFAULT_STOP_GRADIENT
 
     @model_validator(mode="before")
@@ -174,7 +178,7 @@ class Constraint(Section):
 class DataSource(Section):
     path: str = Field(description="local .jsonl/.json/.parquet/.csv file, a saved datasets dir, or a hub data set name")
     split: str = "train"
-    format: Literal["columns", "conversation"] = "columns"
+    format: DataFormat = "columns"
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
@@ -262,11 +266,6 @@ class EvaluateSpec(Section):
         if "win_rate" in self.metrics and self.judge is None:
             raise ValueError("judge: win_rate needs a judge (hint: add evaluate.judge with endpoint, model, baseline_run)")
         return self
-
-
-def k_past_width(k: int, width: int) -> str:
-    """The message for objective.k > SAE width (said from the schema and from the shape checks)."""
-    return f"{k} exceeds the SAE width {width} (hint: objective.k is at most the SAE's number of features)"
 
 
 class ModelRef(BaseModel):

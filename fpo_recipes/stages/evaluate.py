@@ -131,11 +131,11 @@ def load_trained_model(recipe: Recipe, model_dir: Path, device=None):
     ``model.dtype``, eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from fpo_recipes.models import _attn_kwargs, load_model_config, resolve_model_path, torch_dtype
+    from fpo_recipes.models import attention_kwargs, load_model_config, resolve_model_path, torch_dtype
 
     dtype = torch_dtype(recipe.model.dtype)
     config = load_model_config(recipe, "model")
-    kwargs = dict(dtype=dtype, trust_remote_code=recipe.model.trust_remote_code, **_attn_kwargs(config))
+    kwargs = dict(dtype=dtype, trust_remote_code=recipe.model.trust_remote_code, **attention_kwargs(config))
     if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         from peft import PeftModel
 

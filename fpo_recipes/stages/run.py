@@ -23,10 +23,10 @@ from typing import Any
 
 from fpo_recipes.atomic_io import atomic_write_json
 from fpo_recipes.cache.fingerprint import cache_fingerprint, tree_digest
+from fpo_recipes.objectives.registry import get_method
 from fpo_recipes.recipe.schema import Recipe
 
 STAGES: tuple[str, ...] = ("precompute", "train", "evaluate")
-CACHE_METHODS = {"fpo", "dpo"}  # methods that read the offline reference cache
 UPSTREAM = {"precompute": (), "train": ("precompute",), "evaluate": ("train",)}
 MARKER_VERSION = 1
 
@@ -152,7 +152,7 @@ class StagePlan:
 
 
 def stage_needed(recipe: Recipe, stage: str) -> tuple[bool, str]:
-    if stage == "precompute" and recipe.objective.method not in CACHE_METHODS:
+    if stage == "precompute" and not get_method(recipe.objective.method).needs_cached_logps:
         return False, f"{recipe.objective.method} does not use the offline reference cache"
     return True, ""
 

@@ -12,9 +12,10 @@ fingerprint check refuses a cache built for anything else.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
+
+# The recipe's own value sets: a key accepted here is one the recipe accepts.
+from fpo_recipes.recipe.schema import DataFormat, Dtype, Method, Pooling, SAEHook
 
 
 class FPOConstraintArgs(BaseModel):
@@ -38,7 +39,7 @@ class FPOArgs(BaseModel):
             "recipe is synthesized from this Axolotl config."
         },
     )
-    fpo_method: Literal["fpo", "dpo", "simpo", "tdpo1", "tdpo2", "simpo_kl"] | None = Field(
+    fpo_method: Method | None = Field(
         default=None,
         json_schema_extra={"description": "The objective (required without fpo_recipe)."},
     )
@@ -46,13 +47,13 @@ class FPOArgs(BaseModel):
     fpo_alpha: float | None = Field(default=None, ge=0)
     fpo_gamma: float | None = None
     fpo_k: int | None = Field(default=None, ge=1)
-    fpo_pooling: Literal["mean", "sum"] | None = None
+    fpo_pooling: Pooling | None = None
     fpo_stop_gradient: bool | None = None
     fpo_sae_release: str | None = None
     fpo_sae_id: str | None = None
     fpo_sae_path: str | None = None
     fpo_sae_layers: list[int] | None = None
-    fpo_sae_hook: Literal["resid_post", "mlp_out"] | None = None
+    fpo_sae_hook: SAEHook | None = None
     fpo_constraints: list[FPOConstraintArgs] | None = None
     fpo_cache_dir: str | None = None
     fpo_max_length: int | None = Field(default=None, ge=2)
@@ -65,7 +66,7 @@ class FPOArgs(BaseModel):
     fpo_heldout_size: int | None = Field(
         default=None, ge=0, json_schema_extra={"description": "Pairs held out of the training data for evaluation (recipe data.heldout_size)."}
     )
-    fpo_data_format: Literal["columns", "conversation"] | None = Field(
+    fpo_data_format: DataFormat | None = Field(
         default=None,
         json_schema_extra={"description": "columns: prompt/chosen/rejected strings; conversation: chosen/rejected message lists."},
     )
@@ -81,7 +82,7 @@ class FPOArgs(BaseModel):
         default=None, json_schema_extra={"description": "Reference model if not base_model (recipe reference.name_or_path)."}
     )
     fpo_reference_revision: str | None = None
-    fpo_reference_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+    fpo_reference_dtype: Dtype | None = Field(
         default=None,
         json_schema_extra={"description": "Reference dtype if not the dtype Axolotl loads base_model in (bf16/fp16 keys)."},
     )
