@@ -22,6 +22,7 @@ def evaluate(
     """Paper metrics of the trained model against its reference: metrics.json, report.md and plots."""
 
     recipe = load_recipe_or_exit(recipe_file)
+    from fpo_recipes.models import ModelLoadError
     from fpo_recipes.stages.evaluate import EvaluateError, check_model_dir, run_evaluate
 
     try:
@@ -32,7 +33,7 @@ def evaluate(
         raise typer.Exit(2) from None
     try:
         path = run_evaluate(recipe, model_dir=model_dir, device=device)
-    except (EvaluateError, FileNotFoundError, ValueError) as exc:
+    except (EvaluateError, ModelLoadError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     print_run(path)

@@ -33,6 +33,7 @@ def discover(
 ) -> None:
     """Rank SAE features on target texts and keep those that stand out against a contrast set."""
     from fpo_recipes.discovery import DiscoveryParams, check_features_path, discover_features, read_texts, write_features_file
+    from fpo_recipes.models import ModelLoadError
 
     recipe = load_recipe_or_exit(recipe_file)
     params = DiscoveryParams(top=top, ratio=ratio, min_z=min_z, max_length=max_length, batch_size=batch_size,
@@ -46,7 +47,7 @@ def discover(
         target_texts = read_texts(targets, text_column, limit)
         contrast_texts = read_texts(contrast, text_column, limit) if contrast else None
         result = discover_features(recipe, target_texts, contrast_texts, params, layer=layer, device=device)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     path = write_features_file(result, out)

@@ -67,10 +67,11 @@ def _train_errors() -> tuple[type[BaseException], ...]:
     """What a valid recipe can still hit once the cache, Axolotl and the data are involved: a
     cache that does not match (CacheError) or a failed subprocess (RuntimeError), Axolotl
     refusing the generated config (pydantic ValidationError), the plugin's checks (ValueError,
-    AxolotlConfigError), pairs missing from the cache (MissingReferenceError, a KeyError)."""
+    AxolotlConfigError), pairs missing from the cache (MissingReferenceError, a KeyError), a
+    model or file that cannot be read (OSError; ModelLoadError names the recipe field)."""
     from fpo_recipes.plugins.fpo.dataset import MissingReferenceError
 
-    return (RuntimeError, ValueError, MissingReferenceError)
+    return (RuntimeError, ValueError, MissingReferenceError, OSError)
 
 
 def _fail(exc: BaseException, axolotl_yaml) -> NoReturn:

@@ -173,7 +173,7 @@ def default_attention(location: str, revision: str | None) -> dict[str, str]:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(location, revision=revision)
-    except Exception:  # noqa: BLE001 - a hub model not cached here: leave attention to Axolotl
+    except (OSError, ValueError):  # a hub model not cached here: leave attention to Axolotl
         return {}
     from fpo_recipes.models import attention_kwargs
 

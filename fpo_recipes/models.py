@@ -7,6 +7,8 @@ in the recipe's dtype.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,37 @@ def resolve_model_path(name_or_path: str, base_dir: str | Path | None = None) ->
     return name_or_path
 
 
+class ModelLoadError(OSError):
+    """The reference model or the tokenizer cannot be loaded; the message names the recipe field."""
+
+
+@contextmanager
+def naming_the_model(recipe, which: str):
+    """Turn transformers' OSError (missing folder, hub name not cached offline) into one line
+    naming the recipe field ("reference" or "model") and what to do."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except OSError as exc:
+        section = "reference" if which == "reference" and recipe.reference is not None else "model"
+        name = getattr(recipe, section).name_or_path
+        # (a built-in name is left as is: resolving it would build it again)
+        location = name if name.startswith("builtin:") else resolve_model_path(recipe.resolve_input(name), recipe.base_dir)
+        field = f"{section}.name_or_path"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if Path(location).exists():
+            message = f"{field}: cannot load {location}: {reason} (hint: a model folder needs config.json, weights and tokenizer files)"
+        elif Path(location).is_absolute() or name.startswith((".", "~")):
+            message = f"{field}: {location} does not exist (hint: give an existing local model folder, or a hub name)"
+        elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            message = (f"{field}: cannot load {name!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+                       "(hint: run once online to download it, or give a local model folder)")
+        else:
+            message = f"{field}: cannot load {name!r}: {reason} (hint: check the hub name, the network and your HF token, or give a local path)"
+        raise ModelLoadError(message) from exc
+
+
 def _model_location(recipe, which: str = "reference") -> tuple[str, str | None]:
     """(resolved path or hub name, revision) of the policy (``model``) or the reference."""
     ref = recipe.reference_model if which == "reference" else recipe.model
@@ -50,7 +83,8 @@ def load_model_config(recipe, which: str = "reference"):
     from transformers import AutoConfig
 
     path, revision = _model_location(recipe, which)
-    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
+    with naming_the_model(recipe, which):
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def text_config(config):
@@ -108,7 +142,8 @@ def load_tokenizer(recipe):
     from transformers import AutoTokenizer
 
     path, revision = _model_location(recipe, "model")
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
+    with naming_the_model(recipe, "model"):
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=recipe.model.trust_remote_code)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -131,13 +166,14 @@ def load_reference_model(recipe, device=None):
 
     path, revision = _model_location(recipe, "reference")
     config = load_model_config(recipe, "reference")
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=revision,
-        dtype=torch_dtype(recipe.reference_model.dtype),
-        trust_remote_code=recipe.model.trust_remote_code,
-        **attention_kwargs(config),
-    )
+    with naming_the_model(recipe, "reference"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=revision,
+            dtype=torch_dtype(recipe.reference_model.dtype),
+            trust_remote_code=recipe.model.trust_remote_code,
+            **attention_kwargs(config),
+        )
     if device is not None:
         model.to(device)
     model.eval()

@@ -37,21 +37,47 @@ def test_precompute_reports_recipe_errors(tmp_path):
     assert result.exit_code == 1
 
 
-def test_unloadable_model_is_one_error_line_naming_the_field(write_recipe, tmp_path):
+def test_missing_local_model_is_caught_by_validation_naming_the_field(write_recipe, tmp_path):
     runner = CliRunner()
     missing = tmp_path / "no_such_model"
-    result = runner.invoke(app, ["precompute", str(write_recipe(model={"name_or_path": str(missing)}))])
+    for section in ("model", "reference"):
+        recipe = write_recipe(f"{section}.yaml", **{section: {"name_or_path": str(missing)}})
+        result = runner.invoke(app, ["precompute", str(recipe)])
+        assert result.exit_code == 1
+        assert isinstance(result.exception, SystemExit)  # exited cleanly, not on an uncaught OSError
+        line = result.output.strip().splitlines()[-1]
+        assert line.startswith(f"{recipe}:") and line.endswith(
+            f": {section}.name_or_path: {missing} does not exist (hint: relative paths are read from the recipe's "
+            "folder; a hub name looks like google/gemma-2-2b)"
+        )
+
+
+def test_model_folder_without_config_is_caught_by_validation(write_recipe, tmp_path):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    recipe = write_recipe(reference={"name_or_path": str(empty)})
+    result = CliRunner().invoke(app, ["precompute", str(recipe)])
     assert result.exit_code == 1
-    assert isinstance(result.exception, SystemExit)  # exited cleanly, not on an uncaught OSError
-    assert result.output.strip().splitlines()[-1] == (
-        f"error: model.name_or_path: {missing} does not exist (hint: give an existing local model folder, or a hub name)"
+    assert result.output.strip().splitlines()[-1].endswith(
+        f": reference.name_or_path: {empty} has no config.json (hint: a model folder as save_pretrained writes it: "
+        "config.json, weights and tokenizer files)"
     )
-    # A separate reference model is named by its own field.
-    result = runner.invoke(app, ["precompute", str(write_recipe("ref.yaml", reference={"name_or_path": str(missing)}))])
+
+
+def test_unloadable_model_folder_is_one_error_line_naming_the_field(write_recipe, tiny_model_dir, tmp_path):
+    """A folder validation accepts (it has a config.json) but without weights: the load error
+    names the field instead of a transformers traceback."""
+    import shutil
+
+    no_weights = tmp_path / "config_only"
+    no_weights.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", no_weights / "config.json")
+    result = CliRunner().invoke(app, ["precompute", str(write_recipe(reference={"name_or_path": str(no_weights)}))])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1] == (
-        f"error: reference.name_or_path: {missing} does not exist (hint: give an existing local model folder, or a hub name)"
-    )
+    assert isinstance(result.exception, SystemExit)
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: reference.name_or_path: cannot load {no_weights}: ")
+    assert line.endswith("(hint: a model folder needs config.json, weights and tokenizer files)")
 
 
 def test_uncached_hub_model_offline_says_how_to_get_it(write_recipe, monkeypatch):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import subprocess
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -383,6 +384,19 @@ def test_train_cli_errors_are_one_line(make_recipe, monkeypatch, tmp_path):
     assert result.exit_code == 1 and type(result.exception) is SystemExit, result.output
     assert "error: micro_batch_size: 6 training pair(s) fill no batch of 8 x 1 process(es)\n" in result.output
     assert "Traceback" not in result.output
+
+    # a model folder validation accepts (config.json) but that holds no weights: Axolotl's own
+    # load fails on an OSError from transformers, printed as one line
+    no_weights = tmp_path / "config_only"
+    no_weights.mkdir()
+    shutil.copy(Path(recipe.model.name_or_path) / "config.json", no_weights / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(recipe.model.name_or_path) / name).is_file():
+            shutil.copy(Path(recipe.model.name_or_path) / name, no_weights / name)
+    broken = make_recipe("simpo-no-weights", "simpo", model={"name_or_path": str(no_weights), "dtype": "float32"})
+    result = runner.invoke(app, ["train", str(broken.source_path)])
+    assert result.exit_code == 1 and type(result.exception) is SystemExit, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
 
     # a pair missing from the cache (a KeyError) and Axolotl refusing the config (pydantic)
     class Config(BaseModel):

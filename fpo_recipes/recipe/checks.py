@@ -53,6 +53,20 @@ def _check_files(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
         if _looks_local(source.path) and not Path(resolved).exists():
             issues.append(_issue(recipe, ("data", split, "path"),
                 f"{resolved} does not exist (hint: relative paths are read from the recipe's folder)"))
+    # A model given as a local path (./x, ../x, /x, ~/x) must be there; "org/name" is a hub name.
+    models = [("model", recipe.model)] if "model" not in unparsed else []
+    if recipe.reference is not None and "reference" not in unparsed:
+        models.append(("reference", recipe.reference))
+    for section, ref in models:
+        name, resolved = ref.name_or_path, Path(recipe.resolve_input(ref.name_or_path))
+        if name.startswith((".", "/", "~")) and not resolved.exists():
+            issues.append(_issue(recipe, (section, "name_or_path"),
+                f"{resolved} does not exist (hint: relative paths are read from the recipe's folder; "
+                "a hub name looks like google/gemma-2-2b)"))
+        elif resolved.is_dir() and not (resolved / "config.json").is_file():
+            issues.append(_issue(recipe, (section, "name_or_path"),
+                f"{resolved} has no config.json (hint: a model folder as save_pretrained writes it: "
+                "config.json, weights and tokenizer files)"))
     return issues
 
 

@@ -18,9 +18,7 @@ shards ``i % num_processes == process_index`` and the main process assembles the
 from __future__ import annotations
 
 import logging
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,37 +143,6 @@ def _split_state(sdir: Path, fingerprint: dict, force: bool) -> str:
         return "build"
 
 
-class ModelLoadError(OSError):
-    """The reference model or the tokenizer cannot be loaded; the message names the recipe field."""
-
-
-@contextmanager
-def _loading_model(recipe, which: str):
-    """Turn transformers' OSError (missing folder, hub name not cached offline) into one line
-    naming the recipe field ("reference" or "model") and what to do."""
-    try:
-        yield
-    except OSError as exc:
-        from fpo_recipes.models import resolve_model_path
-
-        section = "reference" if which == "reference" and recipe.reference is not None else "model"
-        name = getattr(recipe, section).name_or_path
-        # (a built-in name is left as is: resolving it would build it again)
-        location = name if name.startswith("builtin:") else resolve_model_path(recipe.resolve_input(name), recipe.base_dir)
-        field = f"{section}.name_or_path"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if Path(location).exists():
-            message = f"{field}: cannot load {location}: {reason} (hint: a model folder needs config.json, weights and tokenizer files)"
-        elif Path(location).is_absolute() or name.startswith((".", "~")):
-            message = f"{field}: {location} does not exist (hint: give an existing local model folder, or a hub name)"
-        elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-            message = (f"{field}: cannot load {name!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
-                       "(hint: run once online to download it, or give a local model folder)")
-        else:
-            message = f"{field}: cannot load {name!r}: {reason} (hint: check the hub name, the network and your HF token, or give a local path)"
-        raise ModelLoadError(message) from exc
-
-
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -206,8 +173,7 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
     k_cache = recipe.precompute.k_cache
 
     # 1. Everything that can fail cheaply, before any weights are loaded.
-    with _loading_model(recipe, "reference"):
-        config = load_model_config(recipe, "reference")
+    config = load_model_config(recipe, "reference")
     if layers:
         check_layers(config, layers)
     splits = ["train"] + (["eval"] if has_eval_split(recipe) else [])
@@ -226,8 +192,7 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
     if saes:
         check_sae_compat(saes, config, layers, hook=recipe.sae.hook, field="sae.path" if recipe.sae.path else "sae.id")
         check_feature_ids(saes, target_ids, k_cache)
-    with _loading_model(recipe, "model"):
-        tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe)
     prepared = []
     for split, sdir, fingerprint in todo:
         field = "data.eval" if split == "eval" and recipe.data.eval is not None else "data.train"
@@ -243,8 +208,7 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
             store.begin_partial(sdir, fingerprint)
     state.wait_for_everyone()
 
-    with _loading_model(recipe, "reference"):
-        model = load_reference_model(recipe, device=device)
+    model = load_reference_model(recipe, device=device)
     for split, sdir, fingerprint, tokenized in prepared:
         _build_split(state, model, saes, tokenized, split, sdir, fingerprint, recipe, tokenizer, shard_size,
                      target_ids, show_progress)

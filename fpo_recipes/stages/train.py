@@ -83,6 +83,9 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
     """Train ``recipe`` through Axolotl; return train.output_dir (final model inside)."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher: {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    from fpo_recipes.models import load_model_config
+
+    load_model_config(recipe, "model")  # a missing or unloadable model: ModelLoadError, before Axolotl starts
     check_cache(recipe)
     yaml_path = export_axolotl_config(recipe)
     output_dir = Path(recipe.output_dir)
