@@ -11,6 +11,7 @@ import yaml
 from fpo_recipes.cli import evaluate, features, precompute, quickstart, run, train
 from fpo_recipes.cli.common import load_recipe_or_exit
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
+from fpo_recipes.recipe.sae_sources import uses_sae
 
 app = typer.Typer(
     name="fpo",
@@ -24,7 +25,7 @@ app = typer.Typer(
 def _summary(recipe: Recipe) -> str:
     o = recipe.objective
     parts = [f"{o.method} on {recipe.model.name_or_path}"]
-    if recipe.sae is not None and o.method == "fpo":
+    if uses_sae(recipe):
         source = recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}"
         parts.append(f"SAE {source} @ layer {recipe.sae.layer} ({recipe.sae.hook})")
     knobs = [f"beta={o.beta}"]
@@ -32,7 +33,7 @@ def _summary(recipe: Recipe) -> str:
         knobs.append(f"alpha={o.alpha}")
     if o.gamma is not None:
         knobs.append(f"gamma={o.gamma}")
-    if o.method == "fpo":
+    if uses_sae(recipe):
         knobs.append(f"k={o.k} ({o.pooling})")
     parts.append(" ".join(knobs))
     t = recipe.train

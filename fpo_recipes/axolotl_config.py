@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fpo_recipes.recipe.loader import RecipeError
+from fpo_recipes.recipe.sae_sources import uses_sae
 
 PLUGIN_NAME = "fpo_recipes.plugins.fpo.FPOPlugin"
 # Axolotl insists on a `datasets:` entry; the plugin's load_datasets hook supplies the data,
@@ -783,7 +784,7 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
         issues += [RecipeIssue(file, None, label(i.field), i.message) for i in check_recipe(recipe)]
     if issues:
         raise AxolotlRecipeError(issues)
-    if recipe.sae is not None and recipe.objective.method != "fpo":
+    if recipe.sae is not None and not uses_sae(recipe):
         recipe._warnings.append(f"fpo_sae_* is ignored for fpo_method {recipe.objective.method} (only fpo uses SAE features)")
     return recipe
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fpo_recipes.objectives.registry import METHODS
 from fpo_recipes.recipe.features_file import read_features_file
 from fpo_recipes.recipe.loader import RecipeIssue, origin_of
-from fpo_recipes.recipe.sae_sources import SAECompatError, layer_depth_problem, sae_sources, sae_width_problems
+from fpo_recipes.recipe.sae_sources import SAECompatError, layer_depth_problem, sae_sources, sae_width_problems, uses_sae
 from fpo_recipes.recipe.schema import Recipe
 from fpo_recipes.recipe.shapes import ShapeFileError, model_shape, sae_shape_from_path, sae_shape_from_release
 
@@ -31,7 +30,7 @@ def check_recipe(recipe: Recipe, unparsed: frozenset[str] = frozenset()) -> list
     are skipped (see loader.parse_recipe)."""
     issues: list[RecipeIssue] = []
     issues += _check_files(recipe, unparsed)
-    if not {"objective", "sae"} & unparsed and METHODS[recipe.objective.method].needs_sae and recipe.sae is not None:
+    if not {"objective", "sae"} & unparsed and uses_sae(recipe):
         issues += _check_sae_shapes(recipe, unparsed)
     return issues
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from fpo_recipes.objectives.registry import METHODS
+from fpo_recipes.recipe.sae_sources import uses_sae
 from fpo_recipes.recipe.schema import Recipe, methods_where
 
 Loc = tuple[str | int, ...]
@@ -241,7 +241,7 @@ def parse_recipe(path: str | Path) -> tuple[Recipe, frozenset[str], list[RecipeI
     recipe._source_path = path.resolve()
     recipe._origins = doc.origins
     issues += [RecipeIssue(*origin_of(recipe, loc), field_path(loc), msg) for loc, msg in recipe.cross_section_problems(unparsed)]
-    if not issues and recipe.sae is not None and not METHODS[recipe.objective.method].needs_sae:
+    if not issues and recipe.sae is not None and not uses_sae(recipe):
         recipe._warnings.append(
             f"sae is ignored for objective.method {recipe.objective.method} (only {methods_where('needs_sae')} uses SAE features)"
         )

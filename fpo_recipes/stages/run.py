@@ -24,6 +24,7 @@ from typing import Any
 from fpo_recipes.atomic_io import atomic_write_json
 from fpo_recipes.cache.fingerprint import cache_fingerprint, tree_digest
 from fpo_recipes.objectives.registry import get_method
+from fpo_recipes.recipe.sae_sources import uses_sae
 from fpo_recipes.recipe.schema import Recipe
 
 STAGES: tuple[str, ...] = ("precompute", "train", "evaluate")
@@ -307,7 +308,7 @@ def run_pipeline(
     runners = {**DEFAULT_RUNNERS, **(runners or {})}
     plans = plan_pipeline(recipe, from_stage=from_stage, only=only)
     to_run = [p for p in plans if p.action == "run"]
-    sae_users = {"precompute", "train", "evaluate"} if recipe.objective.method == "fpo" else {"evaluate"}
+    sae_users = {"precompute", "train", "evaluate"} if uses_sae(recipe) else {"evaluate"}
     prestep = quickstart_sae_needed(recipe) and any(p.stage in sae_users for p in to_run)
     echo(format_plan(recipe, plans, prestep=prestep))
     results: dict[str, list[Path]] = {p.stage: [Path(o) for o in p.outputs] for p in plans if p.action == "reuse"}
