@@ -35,7 +35,7 @@ def precompute(
         typer.echo("error: give a recipe file or --axolotl-config AXOLOTL.yaml (one of them)", err=True)
         raise typer.Exit(1)
     if axolotl_config is not None:
-        from fpo_recipes.axolotl_config import AxolotlConfigError, recipe_from_axolotl_yaml
+        from fpo_recipes.axolotl import AxolotlConfigError, recipe_from_axolotl_yaml
         from fpo_recipes.recipe import RecipeError
 
         try:

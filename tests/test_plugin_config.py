@@ -9,7 +9,7 @@ from fpo_recipes.recipe import load_and_check
 
 
 def test_generated_config_keys(write_recipe, tmp_path):
-    from fpo_recipes.axolotl_config import PLUGIN_NAME, build_axolotl_config
+    from fpo_recipes.axolotl import PLUGIN_NAME, build_axolotl_config
 
     recipe = load_and_check(write_recipe(constraints=[{"name": "math", "features": [5, 3], "weight": 0.0}]))
     cfg = build_axolotl_config(recipe)
@@ -30,7 +30,7 @@ def test_generated_config_keys(write_recipe, tmp_path):
 
 
 def test_lora_quantisation_and_optimizer_mapping(write_recipe):
-    from fpo_recipes.axolotl_config import build_axolotl_config
+    from fpo_recipes.axolotl import build_axolotl_config
 
     recipe = load_and_check(
         write_recipe(
@@ -65,7 +65,7 @@ def test_export_axolotl_cli_and_validation_keeps_fpo_keys(write_recipe, tmp_path
         if key.startswith("fpo_"):
             assert cfg[key] == value, key
 
-    from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import recipe_for_axolotl_cfg
     from fpo_recipes.cache import cache_fingerprint
 
     original = load_and_check(recipe_path)
@@ -83,7 +83,7 @@ def test_export_axolotl_cli_and_validation_keeps_fpo_keys(write_recipe, tmp_path
 
 
 def test_edited_keys_override_the_recipe(write_recipe):
-    from fpo_recipes.axolotl_config import AxolotlConfigError, build_axolotl_config, recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import AxolotlConfigError, build_axolotl_config, recipe_for_axolotl_cfg
 
     recipe = load_and_check(write_recipe())
     cfg = build_axolotl_config(recipe)
@@ -110,7 +110,7 @@ def test_plugin_refuses_rl_and_sample_packing():
 
 def test_recipe_without_a_file_exports_a_snapshot(tmp_path, tiny_model_dir, tiny_sae_dir, pairs_file):
     from conftest import tiny_recipe_dict
-    from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import recipe_for_axolotl_cfg
     from fpo_recipes.cache import cache_fingerprint
     from fpo_recipes.recipe import Recipe
     from fpo_recipes.stages.train import export_axolotl_config

@@ -28,7 +28,7 @@ def _plain_cfg(**keys) -> dict:
 
 
 def test_recipe_synthesized_from_axolotl_keys():
-    from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import recipe_for_axolotl_cfg
 
     r = recipe_for_axolotl_cfg(_plain_cfg(bf16=True, revision_of_model="abc", trust_remote_code=True))
     assert r.name == "my-simpo" and r.output_dir.as_posix() == "runs/my-simpo"
@@ -85,7 +85,7 @@ def test_recipe_synthesized_from_axolotl_keys():
     ],
 )  # fmt: skip
 def test_errors_name_the_axolotl_key(keys, expected):
-    from fpo_recipes.axolotl_config import AxolotlConfigError, recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import AxolotlConfigError, recipe_for_axolotl_cfg
     from fpo_recipes.recipe import RecipeError
 
     cfg = _plain_cfg(**keys)
@@ -121,7 +121,7 @@ def _variants(pairs_file):
 @pytest.mark.parametrize("variant", ["default", "constraints+template", "dpo-plain-text-bf16", "reference-model"])
 def test_exported_yaml_without_fpo_recipe_has_the_recipes_fingerprint(write_recipe, tmp_path, pairs_file, tiny_model_dir, variant):
     """Deleting `fpo_recipe` from an exported YAML trains the same recipe: same cache."""
-    from fpo_recipes.axolotl_config import recipe_from_axolotl_yaml
+    from fpo_recipes.axolotl import recipe_from_axolotl_yaml
     from fpo_recipes.cache import cache_fingerprint
     from fpo_recipes.stages.train import export_axolotl_config
 
@@ -143,7 +143,7 @@ def test_exported_yaml_without_fpo_recipe_has_the_recipes_fingerprint(write_reci
 
 def test_new_keys_override_a_recipe(write_recipe):
     """With fpo_recipe present, the data/cache/reference keys edit the recipe like the others."""
-    from fpo_recipes.axolotl_config import build_axolotl_config, recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import build_axolotl_config, recipe_for_axolotl_cfg
 
     recipe = load_and_check(write_recipe())
     cfg = build_axolotl_config(recipe)
@@ -156,7 +156,7 @@ def test_new_keys_override_a_recipe(write_recipe):
 
 
 def test_args_declare_every_key():
-    from fpo_recipes.axolotl_config import ALL_FPO_KEYS
+    from fpo_recipes.axolotl import ALL_FPO_KEYS
     from fpo_recipes.plugins.fpo.args import FPOArgs
 
     assert set(FPOArgs.model_fields) == set(ALL_FPO_KEYS)
@@ -217,7 +217,7 @@ def test_readme_plain_yamls_make_valid_recipes():
     import re
     from pathlib import Path
 
-    from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import recipe_for_axolotl_cfg
 
     readme = (Path(__file__).resolve().parents[1] / "plugins" / "fpo" / "README.md").read_text()
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
@@ -233,7 +233,7 @@ def test_readme_plain_yamls_make_valid_recipes():
 def test_builtin_model_folder_maps_back_to_its_name(tmp_path, monkeypatch):
     """A YAML exported from a `builtin:gemma3-270m` recipe names the converted folder; the
     synthesized recipe names the built-in again (same cache identity as the recipe)."""
-    from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import recipe_for_axolotl_cfg
 
     monkeypatch.setenv("FPO_CACHE_HOME", str(tmp_path))
     (tmp_path / "gemma3-270m").mkdir()

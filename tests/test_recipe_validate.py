@@ -298,7 +298,7 @@ def test_objective_defaults_are_objective_configs(tmp_path):
 
 
 def test_plain_axolotl_config_without_fpo_alpha_gets_the_same_default():
-    from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import recipe_for_axolotl_cfg
 
     cfg = {
         "base_model": "google/gemma-2-2b",

@@ -228,7 +228,7 @@ def _check_training_setup(trainer, overrides: dict) -> None:
 def test_cache_of_another_recipe_is_refused(make_recipe, fpo_cache):
     from axolotl.utils.dict import DictDefault
 
-    from fpo_recipes.axolotl_config import build_axolotl_config
+    from fpo_recipes.axolotl import build_axolotl_config
     from fpo_recipes.cache import CacheMismatchError
     from fpo_recipes.plugins.fpo import FPOPlugin
     from fpo_recipes.stages.train import run_train

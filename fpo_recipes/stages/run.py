@@ -11,25 +11,20 @@ after it succeeds).
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fpo_recipes.atomic_io import atomic_write_json
 from fpo_recipes.cache.fingerprint import cache_fingerprint, tree_digest
 from fpo_recipes.objectives.registry import get_method
 from fpo_recipes.recipe.sae_sources import uses_sae
 from fpo_recipes.recipe.schema import Recipe
+from fpo_recipes.stages.markers import fingerprint, marker_path, read_marker, write_marker  # noqa: F401 (public here too)
 
 STAGES: tuple[str, ...] = ("precompute", "train", "evaluate")
 UPSTREAM = {"precompute": (), "train": ("precompute",), "evaluate": ("train",)}
-MARKER_VERSION = 1
 
 
 class PipelineError(RuntimeError):
@@ -100,46 +95,8 @@ def stage_sections(recipe: Recipe, stage: str) -> dict[str, Any]:
     raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
 
 
-def fingerprint(sections: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``sections``."""
-    blob = json.dumps(sections, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     return fingerprint(stage_sections(recipe, stage))
-
-
-# --- done markers --------------------------------------------------------------------------
-def marker_path(recipe: Recipe, stage: str) -> Path:
-    return recipe.output_dir / f"{stage}.done.json"
-
-
-def read_marker(recipe: Recipe, stage: str) -> dict | None:
-    path = marker_path(recipe, stage)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_marker(recipe: Recipe, stage: str, outputs: list[Path], upstream: dict[str, str]) -> dict:
-    sections = stage_sections(recipe, stage)
-    marker = {
-        "marker_version": MARKER_VERSION,
-        "stage": stage,
-        "recipe": recipe.name,
-        "recipe_file": str(recipe.source_path) if recipe.source_path else None,
-        "fingerprint": fingerprint(sections),
-        "sections": sections,
-        "outputs": [str(p) for p in outputs],
-        "upstream": upstream,
-        "run_id": uuid.uuid4().hex,
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    atomic_write_json(marker_path(recipe, stage), marker)
-    return marker
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -331,7 +288,7 @@ def run_pipeline(
                 m = read_marker(recipe, up)
                 if m is not None:
                     upstream[up] = m["run_id"]
-            write_marker(recipe, plan.stage, outputs, upstream)
+            write_marker(recipe, plan.stage, stage_sections(recipe, plan.stage), outputs, upstream)
             results[plan.stage] = outputs
             finished.append(plan.stage)
             echo(f"[{plan.stage}] done -> {', '.join(map(str, outputs))}")

@@ -35,7 +35,7 @@ def axolotl_yaml_path(recipe) -> Path:
 
 def export_axolotl_config(recipe, path: str | Path | None = None) -> Path:
     """Write the Axolotl YAML that trains ``recipe`` (default: train.output_dir/axolotl.yaml)."""
-    from fpo_recipes.axolotl_config import build_axolotl_config, dump_axolotl_yaml
+    from fpo_recipes.axolotl import build_axolotl_config, dump_axolotl_yaml
 
     path = Path(path) if path is not None else axolotl_yaml_path(recipe)
     cfg = build_axolotl_config(recipe)
@@ -92,7 +92,7 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
     # What says "training finished" must not outlive the model it describes: the plugin saves
     # this run's log at the end (post_train), `fpo run` writes its marker after success. Left
     # from an earlier run, either would make what an interrupted run saves look finished.
-    from fpo_recipes.stages.run import marker_path
+    from fpo_recipes.stages.markers import marker_path
 
     (output_dir / "trainer_state.json").unlink(missing_ok=True)
     marker_path(recipe, "train").unlink(missing_ok=True)

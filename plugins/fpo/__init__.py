@@ -9,7 +9,7 @@ Name it in an Axolotl YAML::
 The recipe it trains is synthesized from the Axolotl config itself (``base_model``, the
 ``datasets:`` entry, ``chat_template``, ``sequence_len``, the ``fpo_*`` keys), or read
 from ``fpo_recipe: path/to/recipe.yaml`` when the YAML names one (as ``fpo train`` /
-``fpo export-axolotl`` write it); see ``fpo_recipes.axolotl_config``.
+``fpo export-axolotl`` write it); see ``fpo_recipes.axolotl``.
 
 How it hooks in (Axolotl 0.19), all on Axolotl's ordinary causal-LM path (no ``rl:`` —
 that path would load a reference model we do not want for fpo/dpo/simpo and would build
@@ -73,7 +73,7 @@ class FPOPlugin(BasePlugin):
         if cfg.get("remove_unused_columns") is None:
             cfg["remove_unused_columns"] = False  # the collator needs the cache columns
         if cfg.get("base_model") and not any(cfg.get(key) for key in _ATTENTION_KEYS):
-            from fpo_recipes.axolotl_config import default_attention
+            from fpo_recipes.axolotl import default_attention
 
             # the kernel the reference cache was computed with (eager for Gemma 2)
             cfg.update(default_attention(str(cfg["base_model"]), cfg.get("revision_of_model")))
@@ -91,7 +91,7 @@ class FPOPlugin(BasePlugin):
         """The recipe this run trains, built once: ``fpo_recipe`` + edited ``fpo_*`` keys, or
         (no ``fpo_recipe``) synthesized from the Axolotl config."""
         if self._recipe is None:
-            from fpo_recipes.axolotl_config import recipe_for_axolotl_cfg, resolve_recipe_path
+            from fpo_recipes.axolotl import recipe_for_axolotl_cfg, resolve_recipe_path
 
             resolve_recipe_path(cfg)
             self._recipe = recipe_for_axolotl_cfg(cfg)

@@ -6,7 +6,7 @@ All default to None. With ``fpo_recipe``, a key left out means "as the recipe sa
 key given overrides the recipe for this run. Without ``fpo_recipe`` (a plain Axolotl
 YAML) the keys, with ``base_model``, ``datasets:``, ``chat_template`` and
 ``sequence_len``, make the recipe, and a key left out takes the recipe default (see
-``fpo_recipes.axolotl_config.recipe_from_axolotl_cfg``). Either way the reference-cache
+``fpo_recipes.axolotl.from_axolotl.recipe_from_axolotl_cfg``). Either way the reference-cache
 fingerprint check refuses a cache built for anything else.
 """
 

@@ -1,0 +1,142 @@
+"""Recipe -> Axolotl YAML: the configuration ``fpo train`` runs (written next to the run for
+plain ``axolotl train``). The recipe is the single source of truth; every ``fpo_*`` key
+that the plugin could not infer from Axolotl's own keys is written out (see ``keys``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from fpo_recipes.axolotl.keys import (
+    _OPTIMIZERS,
+    DATASET_TYPE,
+    PLUGIN_NAME,
+    axolotl_dtype,
+    recipe_fpo_fields,
+)
+
+def _exported_fpo_fields(recipe, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``fpo_*`` keys written into a generated YAML: every objective/SAE/cache key, and
+    the data/reference keys only where they differ from what the plugin would infer
+    without them (so the YAML stays short yet trains the same recipe without ``fpo_recipe``)."""
+    from fpo_recipes.recipe.schema import DataSource
+
+    fields = recipe_fpo_fields(recipe)
+    source_defaults = DataSource(path="-")
+    inferred = {
+        "fpo_heldout_size": 0,
+        "fpo_data_format": source_defaults.format,
+        "fpo_prompt_column": source_defaults.prompt_column,
+        "fpo_chosen_column": source_defaults.chosen_column,
+        "fpo_rejected_column": source_defaults.rejected_column,
+        "fpo_plain_text": False,
+        "fpo_reference_model": fields["fpo_reference_model"] if recipe.reference is None else None,
+        "fpo_reference_revision": fields["fpo_reference_revision"] if recipe.reference is None else None,
+        "fpo_reference_dtype": axolotl_dtype(cfg) if recipe.reference is None else None,
+    }
+    return {k: v for k, v in fields.items() if v is not None and not (k in inferred and inferred[k] == v)}
+
+
+def _policy_location(recipe) -> str:
+    from fpo_recipes.models import resolve_model_path
+
+    return resolve_model_path(recipe.resolve_input(recipe.model.name_or_path), recipe.base_dir)
+
+
+def default_attention(location: str, revision: str | None) -> dict[str, str]:
+    """Axolotl keys for the attention kernel the reference side uses (eager for Gemma 2, see
+    models.py); empty — Axolotl's choice — otherwise or when the config can't be read offline."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(location, revision=revision)
+    except (OSError, ValueError):  # a hub model not cached here: leave attention to Axolotl
+        return {}
+    from fpo_recipes.models import attention_kwargs
+
+    return attention_kwargs(config)
+
+
+def build_axolotl_config(recipe) -> dict[str, Any]:
+    """The Axolotl configuration (a plain dict, YAML-ready) that trains ``recipe``."""
+    m, t, d = recipe.model, recipe.train, recipe.data
+    location = _policy_location(recipe)
+    cfg: dict[str, Any] = {"base_model": location}
+    if m.revision:
+        cfg["revision_of_model"] = m.revision
+    if m.trust_remote_code:
+        cfg["trust_remote_code"] = True
+    cfg.update(default_attention(location, m.revision))
+
+    # precision: train.precision is mixed precision, model.dtype the load dtype otherwise
+    cfg["bf16"] = t.precision == "bf16"
+    cfg["fp16"] = t.precision == "fp16"
+    cfg["tf32"] = False
+    if t.precision == "fp32" and m.dtype == "bfloat16":
+        cfg["bfloat16"] = True
+    elif t.precision == "fp32" and m.dtype == "float16":
+        cfg["float16"] = True
+
+    if m.load_in_8bit:
+        cfg["load_in_8bit"] = True
+    if m.load_in_4bit:
+        cfg["load_in_4bit"] = True
+    if m.adapter == "lora":
+        from fpo_recipes.recipe.schema import LoraSpec
+
+        lora = m.lora or LoraSpec()
+        cfg["adapter"] = "qlora" if m.load_in_4bit else "lora"
+        cfg["lora_r"] = lora.r
+        cfg["lora_alpha"] = lora.alpha
+        cfg["lora_dropout"] = lora.dropout
+        if lora.target_modules == "all-linear":
+            cfg["lora_target_linear"] = True
+        else:
+            cfg["lora_target_modules"] = list(lora.target_modules)
+
+    if d.chat_template not in (None, "tokenizer"):
+        # so the tokenizer saved with the model carries the template the data was built with
+        cfg["chat_template"] = "jinja"
+        cfg["chat_template_jinja"] = d.chat_template
+
+    cfg["plugins"] = [PLUGIN_NAME]
+    cfg["datasets"] = [{"path": recipe.resolve_input(d.train.path), "type": DATASET_TYPE}]
+    if d.train.split != "train":
+        cfg["datasets"][0]["split"] = d.train.split
+    cfg["sequence_len"] = d.max_length
+    cfg["sample_packing"] = False
+    cfg["remove_unused_columns"] = False
+
+    cfg["output_dir"] = str(Path(recipe.output_dir).resolve())
+    cfg["seed"] = t.seed
+    cfg["micro_batch_size"] = t.micro_batch_size
+    cfg["gradient_accumulation_steps"] = t.gradient_accumulation_steps
+    cfg["num_epochs"] = t.num_epochs
+    if t.max_steps is not None:
+        cfg["max_steps"] = t.max_steps
+    cfg["learning_rate"] = t.learning_rate
+    cfg["lr_scheduler"] = t.scheduler
+    cfg["warmup_steps"] = t.warmup_steps
+    cfg["optimizer"] = _OPTIMIZERS.get(t.optimizer, t.optimizer)
+    cfg["weight_decay"] = t.weight_decay
+    cfg["max_grad_norm"] = t.max_grad_norm
+    cfg["gradient_checkpointing"] = t.gradient_checkpointing
+    cfg["logging_steps"] = t.logging_steps
+    if t.save_steps is not None:
+        cfg["save_steps"] = t.save_steps
+    # TensorBoard logging when the package is importable (HF Trainer refuses to start otherwise).
+    cfg["use_tensorboard"] = importlib.util.find_spec("tensorboard") is not None
+
+    cfg.update(_exported_fpo_fields(recipe, cfg))
+    return cfg
+
+
+def dump_axolotl_yaml(cfg: dict[str, Any], recipe=None) -> str:
+    import yaml
+
+    header = "# Generated by fpo-recipes"
+    if recipe is not None and recipe.source_path:
+        header += f" from {recipe.source_path}"
+    header += ". Run with: axolotl train THIS_FILE --launcher python\n"
+    return header + yaml.safe_dump(cfg, sort_keys=False)
