@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from fpo_recipes.axolotl.keys import (
-    _FIELD_KEYS,
-    _LENIENT,
-    _RECIPE_SCHEDULERS,
     ALL_FPO_KEYS,
     AXOLOTL_OUTPUT_DIR,
     AXOLOTL_SEQUENCE_LEN,
+    AXOLOTL_TRAIN_KEYS,
+    FIELD_KEYS,
     FPO_KEYS,
-    _apply_fpo_keys,
-    _get,
-    _plain,
+    LENIENT_FIELDS,
+    RECIPE_SCHEDULERS,
+    apply_fpo_keys,
     axolotl_dtype,
+    get_key,
+    plain,
     recipe_fpo_fields,
 )
 from fpo_recipes.recipe.loader import RecipeError
@@ -49,8 +50,8 @@ class AxolotlRecipeError(AxolotlConfigError, RecipeError):
 
 def resolve_recipe_path(cfg) -> None:
     """A relative ``fpo_recipe`` is looked up beside the Axolotl YAML first (made absolute)."""
-    path = _get(cfg, "fpo_recipe")
-    config_path = _get(cfg, "axolotl_config_path")
+    path = get_key(cfg, "fpo_recipe")
+    config_path = get_key(cfg, "axolotl_config_path")
     if path and not Path(path).is_absolute() and config_path:
         beside = Path(config_path).parent / path
         if beside.exists():
@@ -68,14 +69,14 @@ def recipe_for_axolotl_cfg(cfg):
     """
     from fpo_recipes.recipe import load_recipe
 
-    path = _get(cfg, "fpo_recipe")
+    path = get_key(cfg, "fpo_recipe")
     if not path:
         return recipe_from_axolotl_cfg(cfg)
     recipe = load_recipe(path)
     implied = recipe_fpo_fields(recipe)
     edits = {}
     for key in FPO_KEYS:
-        value = _plain(_get(cfg, key))
+        value = plain(get_key(cfg, key))
         if value is None:
             continue
         if key == "fpo_constraints":
@@ -89,7 +90,7 @@ def recipe_for_axolotl_cfg(cfg):
         return recipe
 
     data = recipe.model_dump(mode="json", exclude={"extends"})
-    _apply_fpo_keys(data, edits)
+    apply_fpo_keys(data, edits)
     edited, issues = _validate(data, _config_file(cfg), _key_labeller(cfg))
     if issues:
         lines = "\n".join(f"  {issue}" for issue in issues)
@@ -104,11 +105,11 @@ def _key_labeller(cfg):
     def label(field: str) -> str:
         plain = re.sub(r"\[\d+\]", "", field)
         if plain == "data.max_length":
-            key = "fpo_max_length" if _get(cfg, "fpo_max_length") is not None else "sequence_len"
+            key = "fpo_max_length" if get_key(cfg, "fpo_max_length") is not None else "sequence_len"
         else:
             probe, key = plain, None
             while probe and key is None:
-                key = _FIELD_KEYS.get(probe)
+                key = FIELD_KEYS.get(probe)
                 probe = probe.rpartition(".")[0]
         return f"{key} ({field})" if key and key != field else field
 
@@ -116,7 +117,7 @@ def _key_labeller(cfg):
 
 
 def _config_file(cfg) -> str:
-    return str(_get(cfg, "axolotl_config_path") or "<axolotl config>")
+    return str(get_key(cfg, "axolotl_config_path") or "<axolotl config>")
 
 
 def _validate(data: dict[str, Any], file: str, label, lenient: bool = False):
@@ -168,7 +169,7 @@ def _drop_lenient(data: dict[str, Any], fields: list[str]) -> bool:
 
 def _lenient_prefix(field: str) -> str | None:
     plain = re.sub(r"\[\d+\]", "", field)
-    for prefix in _LENIENT:
+    for prefix in LENIENT_FIELDS:
         if plain == prefix or plain.startswith(prefix + "."):
             return prefix
     return None
@@ -201,9 +202,9 @@ def _chat_template(cfg, issues: list, file: str):
     nothing is set) or a Jinja template (``jinja`` or one of Axolotl's named templates)."""
     from fpo_recipes.recipe import RecipeIssue
 
-    choice = _plain(_get(cfg, "chat_template"))
-    jinja = _get(cfg, "chat_template_jinja")
-    if _get(cfg, "fpo_plain_text") is True:
+    choice = plain(get_key(cfg, "chat_template"))
+    jinja = get_key(cfg, "chat_template_jinja")
+    if get_key(cfg, "fpo_plain_text") is True:
         if choice is not None or jinja is not None:
             issues.append(RecipeIssue(file, None, "fpo_plain_text (data.chat_template)",
                 "plain text (no chat template) contradicts chat_template / chat_template_jinja (hint: drop one)"))  # fmt: skip
@@ -227,9 +228,9 @@ def _chat_template(cfg, issues: list, file: str):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(
-                _get(cfg, "tokenizer_config") or _get(cfg, "base_model"),
-                revision=_get(cfg, "revision_of_model"),
-                trust_remote_code=bool(_get(cfg, "trust_remote_code")),
+                get_key(cfg, "tokenizer_config") or get_key(cfg, "base_model"),
+                revision=get_key(cfg, "revision_of_model"),
+                trust_remote_code=bool(get_key(cfg, "trust_remote_code")),
             )
             if getattr(tokenizer, "chat_template", None):
                 return "tokenizer"
@@ -242,7 +243,7 @@ def _chat_template(cfg, issues: list, file: str):
 def _dataset_entry(cfg, issues: list, file: str) -> dict[str, Any]:
     from fpo_recipes.recipe import RecipeIssue
 
-    entries = _plain(_get(cfg, "datasets")) or []
+    entries = plain(get_key(cfg, "datasets")) or []
     if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
         count = len(entries) if isinstance(entries, list) else 0
         issues.append(RecipeIssue(file, None, "datasets (data.train)",
@@ -287,31 +288,31 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
             issues.append(RecipeIssue(file, None, str(key), f"unknown key ({hint})"))
 
     # model
-    base_model = _get(cfg, "base_model")
+    base_model = get_key(cfg, "base_model")
     model: dict[str, Any] = {"dtype": axolotl_dtype(cfg)}
     if base_model is not None:  # absent: the recipe's "required field is missing", named base_model
         model["name_or_path"] = _builtin_name(base_model) or base_model
-    if _get(cfg, "revision_of_model"):
-        model["revision"] = _get(cfg, "revision_of_model")
-    if _get(cfg, "trust_remote_code") is not None:
-        model["trust_remote_code"] = _get(cfg, "trust_remote_code")
-    tokenizer_config = _get(cfg, "tokenizer_config")
+    if get_key(cfg, "revision_of_model"):
+        model["revision"] = get_key(cfg, "revision_of_model")
+    if get_key(cfg, "trust_remote_code") is not None:
+        model["trust_remote_code"] = get_key(cfg, "trust_remote_code")
+    tokenizer_config = get_key(cfg, "tokenizer_config")
     # (Axolotl fills tokenizer_config from base_model_config / base_model when not given)
-    if base_model and tokenizer_config and str(tokenizer_config) not in {str(base_model), str(_get(cfg, "base_model_config"))}:
+    if base_model and tokenizer_config and str(tokenizer_config) not in {str(base_model), str(get_key(cfg, "base_model_config"))}:
         issues.append(RecipeIssue(file, None, "tokenizer_config",
             f"{tokenizer_config}: the FPO plugin tokenizes with base_model's tokenizer (the one the reference cache "
             "is built with) (hint: drop tokenizer_config, or write a recipe and use fpo_recipe)"))  # fmt: skip
-    adapter = _get(cfg, "adapter")
+    adapter = get_key(cfg, "adapter")
     for key in ("load_in_4bit", "load_in_8bit"):
-        if _get(cfg, key):
+        if get_key(cfg, key):
             model[key] = True
     if adapter in ("lora", "qlora"):
         model["adapter"] = "lora"
-        lora = {k: _get(cfg, f"lora_{k}") for k in ("r", "alpha", "dropout")}
-        if _get(cfg, "lora_target_linear"):
+        lora = {k: get_key(cfg, f"lora_{k}") for k in ("r", "alpha", "dropout")}
+        if get_key(cfg, "lora_target_linear"):
             lora["target_modules"] = "all-linear"
-        elif _get(cfg, "lora_target_modules"):
-            modules = _plain(_get(cfg, "lora_target_modules"))
+        elif get_key(cfg, "lora_target_modules"):
+            modules = plain(get_key(cfg, "lora_target_modules"))
             lora["target_modules"] = [modules] if isinstance(modules, str) else modules
         model["lora"] = {k: v for k, v in lora.items() if v is not None}
 
@@ -320,7 +321,7 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
     source: dict[str, Any] = {"path": entry["path"]} if entry.get("path") is not None else {}
     if entry.get("split"):
         source["split"] = entry["split"]
-    max_length = _get(cfg, "fpo_max_length") or _get(cfg, "sequence_len") or AXOLOTL_SEQUENCE_LEN
+    max_length = get_key(cfg, "fpo_max_length") or get_key(cfg, "sequence_len") or AXOLOTL_SEQUENCE_LEN
     data_spec: dict[str, Any] = {
         "train": source,
         "chat_template": _chat_template(cfg, issues, file),
@@ -329,31 +330,21 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
     }
 
     # train (the plugin does not read these; Axolotl trains with its own keys)
-    output_dir = str(_get(cfg, "output_dir") or AXOLOTL_OUTPUT_DIR)
-    micro = _get(cfg, "micro_batch_size")
-    accumulation = _get(cfg, "gradient_accumulation_steps")
-    batch = micro * accumulation if isinstance(micro, int) and isinstance(accumulation, int) else _get(cfg, "batch_size")
-    scheduler = _plain(_get(cfg, "lr_scheduler"))
-    optimizer = _plain(_get(cfg, "optimizer"))
-    bf16, fp16 = _get(cfg, "bf16"), _get(cfg, "fp16")
-    train = {
-        "learning_rate": _get(cfg, "learning_rate"),
+    output_dir = str(get_key(cfg, "output_dir") or AXOLOTL_OUTPUT_DIR)
+    micro = get_key(cfg, "micro_batch_size")
+    accumulation = get_key(cfg, "gradient_accumulation_steps")
+    batch = micro * accumulation if isinstance(micro, int) and isinstance(accumulation, int) else get_key(cfg, "batch_size")
+    scheduler = plain(get_key(cfg, "lr_scheduler"))
+    optimizer = plain(get_key(cfg, "optimizer"))
+    bf16, fp16 = get_key(cfg, "bf16"), get_key(cfg, "fp16")
+    train = {field.split(".")[1]: get_key(cfg, key) for key, field in AXOLOTL_TRAIN_KEYS.items()}
+    train.update({
         "batch_size": batch,
-        "micro_batch_size": micro,
-        "warmup_steps": _get(cfg, "warmup_steps"),
-        "scheduler": scheduler if scheduler in _RECIPE_SCHEDULERS else None,
-        "num_epochs": _get(cfg, "num_epochs"),
-        "max_steps": _get(cfg, "max_steps"),
+        "scheduler": scheduler if scheduler in RECIPE_SCHEDULERS else None,
         "optimizer": optimizer if optimizer in OPTIMIZERS else None,
-        "weight_decay": _get(cfg, "weight_decay"),
-        "max_grad_norm": _get(cfg, "max_grad_norm"),
-        "gradient_checkpointing": _get(cfg, "gradient_checkpointing"),
         "precision": "bf16" if bf16 is True else "fp16" if fp16 is True else "fp32",
-        "seed": _get(cfg, "seed"),
         "output_dir": output_dir,
-        "logging_steps": _get(cfg, "logging_steps"),
-        "save_steps": _get(cfg, "save_steps"),
-    }
+    })
     data: dict[str, Any] = {
         "schema_version": 1,
         "name": _run_name(output_dir),
@@ -364,11 +355,11 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
         "train": {k: v for k, v in train.items() if v is not None},
         "precompute": {},
     }
-    values = {k: _plain(_get(cfg, k)) for k in FPO_KEYS}
+    values = {k: plain(get_key(cfg, k)) for k in FPO_KEYS}
     values = {k: v for k, v in values.items() if v is not None}
     if values.get("fpo_reference_model"):
         values["fpo_reference_model"] = _builtin_name(values["fpo_reference_model"]) or values["fpo_reference_model"]
-    _apply_fpo_keys(data, values)
+    apply_fpo_keys(data, values)
 
     recipe, invalid = _validate(data, file, label, lenient=True)
     if any(i.field.startswith("datasets ") for i in issues):  # already said: no usable entry

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from fpo_recipes.axolotl.keys import (
-    _OPTIMIZERS,
+    AXOLOTL_OPTIMIZERS,
+    AXOLOTL_TRAIN_KEYS,
     DATASET_TYPE,
     PLUGIN_NAME,
     axolotl_dtype,
@@ -109,22 +110,13 @@ def build_axolotl_config(recipe) -> dict[str, Any]:
     cfg["remove_unused_columns"] = False
 
     cfg["output_dir"] = str(Path(recipe.output_dir).resolve())
-    cfg["seed"] = t.seed
-    cfg["micro_batch_size"] = t.micro_batch_size
+    for key, field in AXOLOTL_TRAIN_KEYS.items():
+        value = getattr(t, field.split(".")[1])
+        if value is not None:  # max_steps / save_steps unset: Axolotl's own default
+            cfg[key] = value
     cfg["gradient_accumulation_steps"] = t.gradient_accumulation_steps
-    cfg["num_epochs"] = t.num_epochs
-    if t.max_steps is not None:
-        cfg["max_steps"] = t.max_steps
-    cfg["learning_rate"] = t.learning_rate
     cfg["lr_scheduler"] = t.scheduler
-    cfg["warmup_steps"] = t.warmup_steps
-    cfg["optimizer"] = _OPTIMIZERS.get(t.optimizer, t.optimizer)
-    cfg["weight_decay"] = t.weight_decay
-    cfg["max_grad_norm"] = t.max_grad_norm
-    cfg["gradient_checkpointing"] = t.gradient_checkpointing
-    cfg["logging_steps"] = t.logging_steps
-    if t.save_steps is not None:
-        cfg["save_steps"] = t.save_steps
+    cfg["optimizer"] = AXOLOTL_OPTIMIZERS.get(t.optimizer, t.optimizer)
     # TensorBoard logging when the package is importable (HF Trainer refuses to start otherwise).
     cfg["use_tensorboard"] = importlib.util.find_spec("tensorboard") is not None
 
