@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from fpo_recipes.recipe import load_recipe
+from fpo_recipes.stages import registry
 from fpo_recipes.stages import run as pipeline
 
 
@@ -186,7 +187,7 @@ def test_a_fingerprint_error_surfaces_by_name(write_recipe, monkeypatch):
 
     path = write_recipe()
     _run(path, Recorder())  # markers exist: the next plan compares fingerprints
-    monkeypatch.setattr(pipeline, "cache_fingerprint", broken)
+    monkeypatch.setattr(registry, "cache_fingerprint", broken)
     with pytest.raises(OSError, match="reference weights unreadable"):
         pipeline.plan_pipeline(load_recipe(path))
     for extra in ([], ["--dry-run"]):

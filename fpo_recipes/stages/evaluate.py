@@ -435,3 +435,8 @@ def run_evaluate(recipe: Recipe, model_dir: str | Path | None = None, device=Non
     """Evaluate the trained model of ``recipe`` against its reference; return metrics.json."""
     result, gen_rows, history = compute_evaluation(recipe, Path(model_dir) if model_dir else None, device=device)
     return write_evaluation(recipe.output_dir / EVAL_DIRNAME, result, gen_rows, history)
+
+
+def run_stage(recipe: Recipe, force: bool) -> Path:
+    """The pipeline's evaluate stage (see stages/registry.py)."""
+    return run_evaluate(recipe)

@@ -288,3 +288,15 @@ def _pair_ids_digest(pair_ids: list[str]) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()
+
+
+def run_stage(recipe, force: bool) -> Path:
+    """The pipeline's precompute stage (see stages/registry.py): the cache made to match the
+    recipe — one built from other inputs is rebuilt rather than refused."""
+    from fpo_recipes.cache import CacheMismatchError
+
+    try:
+        return run_precompute(recipe, force=force)
+    except CacheMismatchError as exc:
+        print(f"[precompute] the existing cache was built from other inputs, rebuilding: {exc}")
+        return run_precompute(recipe, force=True)

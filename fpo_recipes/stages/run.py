@@ -1,12 +1,14 @@
-"""`fpo run`: precompute -> train -> evaluate, reusing every stage that is already done.
+"""`fpo run`: plan and run the registered stages in order, reusing every one already done.
 
-Each stage, after it succeeds, writes ``<output_dir>/<stage>.done.json`` (atomically) with
-the fingerprint of the resolved recipe sections it depends on, the outputs it produced and
-a run id. A stage is reused when its marker exists, the fingerprint matches, its outputs
-still exist, and the upstream stages it consumed are the same runs (their run ids). So a
-changed beta retrains and re-evaluates but keeps the reference cache; a Ctrl-C leaves every
-finished stage reusable (a marker is removed before its stage reruns and written only
-after it succeeds).
+The stages and what each depends on are declared in :mod:`fpo_recipes.stages.registry`;
+this module only plans and runs them. Each stage, after it succeeds, writes
+``<output_dir>/<stage>.done.json`` (:mod:`fpo_recipes.stages.markers`) with the fingerprint
+of the resolved recipe sections it depends on, the outputs it produced and a run id. A
+stage is reused when its marker exists, the fingerprint matches, its outputs still exist,
+and the upstream stages it consumed are the same runs (their run ids). So a changed beta
+retrains and re-evaluates but keeps the reference cache; a Ctrl-C leaves every finished
+stage reusable (a marker is removed before its stage reruns and written only after it
+succeeds).
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fpo_recipes.cache.fingerprint import cache_fingerprint, tree_digest
-from fpo_recipes.objectives.registry import get_method
 from fpo_recipes.recipe.sae_sources import uses_sae
 from fpo_recipes.recipe.schema import Recipe
-from fpo_recipes.stages.markers import fingerprint, marker_path, read_marker, write_marker  # noqa: F401 (public here too)
+from fpo_recipes.stages.markers import fingerprint, marker_path, read_marker, write_marker
+from fpo_recipes.stages.registry import PIPELINE, STAGES as _REGISTERED
 
-STAGES: tuple[str, ...] = ("precompute", "train", "evaluate")
-UPSTREAM = {"precompute": (), "train": ("precompute",), "evaluate": ("train",)}
+STAGES: tuple[str, ...] = tuple(s.name for s in PIPELINE)
+UPSTREAM: dict[str, tuple[str, ...]] = {s.name: s.upstream for s in PIPELINE}
 
 
 class PipelineError(RuntimeError):
@@ -40,63 +41,26 @@ class PipelineInterrupted(Exception):
         super().__init__(f"interrupted during {stage}; finished stages: {done}; resume with: {resume}")
 
 
-# --- fingerprints --------------------------------------------------------------------------
-def _resolved(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as JSON with input paths resolved and constraint files read."""
-    d = recipe.to_yaml_dict()
-    d["model"]["name_or_path"] = recipe.resolve_input(recipe.model.name_or_path)
-    d["reference"] = recipe.reference_model.model_dump(mode="json")
-    d["reference"]["name_or_path"] = recipe.resolve_input(d["reference"]["name_or_path"])
-    if recipe.sae is not None and recipe.sae.path:
-        d["sae"]["path"] = recipe.resolve_input(recipe.sae.path)
-    for split in ("train", "eval"):
-        if d["data"].get(split):
-            d["data"][split]["path"] = recipe.resolve_input(d["data"][split]["path"])
-    d["constraints"] = {str(k): v for k, v in recipe.targeted_features().items()}
-    d["precompute"]["cache_dir"] = str(recipe.cache_dir)
-    d["train"]["output_dir"] = str(recipe.output_dir)
-    for key in ("name", "description", "schema_version"):
-        d.pop(key, None)
-    return d
-
-
-def _data_content(recipe: Recipe) -> dict[str, str | None]:
-    """Content digests of local data files (an edited file reruns the stages that read it)."""
-    out = {}
-    for split in ("train", "eval"):
-        source = getattr(recipe.data, split)
-        if source is not None:
-            path = recipe.resolve_input(source.path)
-            out[split] = tree_digest(path) if Path(path).exists() else None
-    return out
-
-
+# --- what the registry declares, by stage name ---------------------------------------------
 def stage_sections(recipe: Recipe, stage: str) -> dict[str, Any]:
     """The resolved recipe sections ``stage`` depends on (its fingerprint's input)."""
-    d = _resolved(recipe)
-    if stage == "precompute":
-        out = {
-            "model": {"name_or_path": d["model"]["name_or_path"], "revision": d["model"]["revision"]},  # tokenizer
-            "reference": d["reference"],
-            "sae": d["sae"],
-            "data": d["data"],
-            "precompute": d["precompute"],
-            "pooling": d["objective"]["pooling"],
-            "constraints": d["constraints"],
-        }
-        out["cache_fingerprint"] = cache_fingerprint(recipe)  # also covers data and model contents
-        return out
-    if stage == "train":
-        keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "precompute")
-        return {**{k: d[k] for k in keys}, "data_content": _data_content(recipe)}
-    if stage == "evaluate":
-        keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "evaluate")
-        return {**{k: d[k] for k in keys}, "data_content": _data_content(recipe)}
-    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    if stage not in _REGISTERED:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    return _REGISTERED[stage].sections(recipe)
 
 
 def stage_fingerprint(recipe: Recipe, stage: str) -> str:
     return fingerprint(stage_sections(recipe, stage))
+
+
+def stage_needed(recipe: Recipe, stage: str) -> tuple[bool, str]:
+    why_not = _REGISTERED[stage].not_needed(recipe)
+    return why_not is None, why_not or ""
+
+
+def expected_outputs(recipe: Recipe, stage: str) -> list[str]:
+    """Where a stage's outputs go (before it has run)."""
+    return [str(p) for p in _REGISTERED[stage].outputs(recipe)]
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -109,30 +73,15 @@ class StagePlan:
     force: bool = False
 
 
-def stage_needed(recipe: Recipe, stage: str) -> tuple[bool, str]:
-    if stage == "precompute" and not get_method(recipe.objective.method).needs_cached_logps:
-        return False, f"{recipe.objective.method} does not use the offline reference cache"
-    return True, ""
-
-
-def expected_outputs(recipe: Recipe, stage: str) -> list[str]:
-    """Where a stage's outputs go (before it has run)."""
-    if stage == "precompute":
-        return [str(recipe.cache_dir)]
-    if stage == "train":
-        return [str(recipe.output_dir)]
-    return [str(recipe.output_dir / "eval")]
-
-
 def _stale_reason(recipe: Recipe, stage: str, markers: dict[str, dict | None]) -> str | None:
     """None when the stage can be reused, else why it must run."""
     marker = markers.get(stage)
     if marker is None:
         return "not done yet"
-    if marker.get("fingerprint") != stage_fingerprint(recipe, stage):
+    sections = stage_sections(recipe, stage)
+    if marker.get("fingerprint") != fingerprint(sections):
         old = marker.get("sections") or {}
-        new = stage_sections(recipe, stage)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changed = sorted(k for k in set(old) | set(sections) if old.get(k) != sections.get(k))
         return "recipe changed" + (f" ({', '.join(changed)})" if changed else "")
     missing = [p for p in marker.get("outputs", []) if not Path(p).exists()]
     if missing:
@@ -163,7 +112,8 @@ def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | Non
     if only is not None:
         needed, why_not = stage_needed(recipe, only)
         if not needed:
-            raise PipelineError(f"--only {only}: {why_not}, so there is nothing to run (hint: --only train or --only evaluate)")
+            others = " or ".join(f"--only {s}" for s in STAGES if s != only and stage_needed(recipe, s)[0])
+            raise PipelineError(f"--only {only}: {why_not}, so there is nothing to run (hint: {others})")
     markers = {s: read_marker(recipe, s) for s in STAGES}
     plans: list[StagePlan] = []
     will_run: set[str] = set()
@@ -210,32 +160,8 @@ def format_plan(recipe: Recipe, plans: list[StagePlan], prestep: bool = False) -
 
 
 # --- running -------------------------------------------------------------------------------
-def _run_precompute(recipe: Recipe, force: bool):
-    from fpo_recipes.cache import CacheMismatchError
-    from fpo_recipes.stages.precompute import run_precompute
-
-    try:
-        return run_precompute(recipe, force=force)
-    except CacheMismatchError as exc:
-        # `fpo run` makes the outputs match the recipe: a cache built from other inputs is rebuilt
-        print(f"[precompute] the existing cache was built from other inputs, rebuilding: {exc}")
-        return run_precompute(recipe, force=True)
-
-
-def _run_train(recipe: Recipe, force: bool):
-    from fpo_recipes.stages.train import run_train
-
-    return run_train(recipe)
-
-
-def _run_evaluate(recipe: Recipe, force: bool):
-    from fpo_recipes.stages.evaluate import run_evaluate
-
-    return run_evaluate(recipe)
-
-
 Runner = Callable[[Recipe, bool], Any]
-DEFAULT_RUNNERS: dict[str, Runner] = {"precompute": _run_precompute, "train": _run_train, "evaluate": _run_evaluate}
+DEFAULT_RUNNERS: dict[str, Runner] = {s.name: s.run for s in PIPELINE}
 
 
 def _as_paths(result: Any, fallback: list[str]) -> list[Path]:

@@ -133,3 +133,8 @@ def _train_in_process(yaml_path: Path) -> None:
     finally:
         if previous is not None and signal.getsignal(signal.SIGINT) is not previous:
             signal.signal(signal.SIGINT, previous)  # Axolotl leaves its handler installed
+
+
+def run_stage(recipe, force: bool) -> Path:
+    """The pipeline's train stage (see stages/registry.py); training always starts afresh."""
+    return run_train(recipe)

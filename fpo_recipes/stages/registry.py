@@ -1,0 +1,168 @@
+"""The pipeline's stages, in the order `fpo run` runs them, and what each one declares.
+
+A :class:`Stage` says, for any recipe:
+- ``name`` and ``upstream`` — the earlier stages whose outputs it consumes (a rerun of one
+  of them reruns it; its done marker records which of their runs it consumed);
+- ``not_needed(recipe)`` — ``None`` when the recipe needs the stage, else why not (shown in
+  the plan as ``skip``);
+- ``sections(recipe)`` — the resolved recipe sections it depends on: their fingerprint
+  decides whether a finished run can be reused;
+- ``outputs(recipe)`` — where its outputs go (checked to still exist before reuse);
+- ``runner`` — ``"module:function"``, imported only when the stage runs, called as
+  ``function(recipe, force) -> output path(s) | None``; ``force`` asks it to redo work its
+  own checks would reuse (``--from``, ``--only``, a stale previous run).
+
+The planner and runner (:mod:`fpo_recipes.stages.run`) know nothing beyond this table, so
+adding a stage is one module with its runner plus one ``Stage(...)`` in :data:`PIPELINE`
+at its place in the order. Everything here is import-light (no torch): `fpo run --dry-run`
+and `fpo --help` read it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fpo_recipes.cache.fingerprint import cache_fingerprint, tree_digest
+from fpo_recipes.objectives.registry import get_method
+from fpo_recipes.recipe.schema import Recipe
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    upstream: tuple[str, ...]
+    not_needed: Callable[[Recipe], str | None]
+    sections: Callable[[Recipe], dict[str, Any]]
+    outputs: Callable[[Recipe], list[Path]]
+    runner: str
+    help: str
+
+    def run(self, recipe: Recipe, force: bool) -> Any:
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)(recipe, force)
+
+
+# --- what stages depend on -----------------------------------------------------------------
+def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as JSON with input paths resolved and constraint files read (names and
+    descriptions dropped: they change no output)."""
+    d = recipe.to_yaml_dict()
+    d["model"]["name_or_path"] = recipe.resolve_input(recipe.model.name_or_path)
+    d["reference"] = recipe.reference_model.model_dump(mode="json")
+    d["reference"]["name_or_path"] = recipe.resolve_input(d["reference"]["name_or_path"])
+    if recipe.sae is not None and recipe.sae.path:
+        d["sae"]["path"] = recipe.resolve_input(recipe.sae.path)
+    for split in ("train", "eval"):
+        if d["data"].get(split):
+            d["data"][split]["path"] = recipe.resolve_input(d["data"][split]["path"])
+    d["constraints"] = {str(k): v for k, v in recipe.targeted_features().items()}
+    d["precompute"]["cache_dir"] = str(recipe.cache_dir)
+    d["train"]["output_dir"] = str(recipe.output_dir)
+    for key in ("name", "description", "schema_version"):
+        d.pop(key, None)
+    return d
+
+
+def data_content(recipe: Recipe) -> dict[str, str | None]:
+    """Content digests of local data files (an edited file reruns the stages that read it)."""
+    out = {}
+    for split in ("train", "eval"):
+        source = getattr(recipe.data, split)
+        if source is not None:
+            path = recipe.resolve_input(source.path)
+            out[split] = tree_digest(path) if Path(path).exists() else None
+    return out
+
+
+def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: d[k] for k in keys}
+
+
+# --- precompute -----------------------------------------------------------------------------
+def _precompute_not_needed(recipe: Recipe) -> str | None:
+    if not get_method(recipe.objective.method).needs_cached_logps:
+        return f"{recipe.objective.method} does not use the offline reference cache"
+    return None
+
+
+def _precompute_sections(recipe: Recipe) -> dict[str, Any]:
+    d = resolved_recipe(recipe)
+    return {
+        "model": {"name_or_path": d["model"]["name_or_path"], "revision": d["model"]["revision"]},  # tokenizer
+        **_pick(d, "reference", "sae", "data", "precompute"),
+        "pooling": d["objective"]["pooling"],
+        "constraints": d["constraints"],
+        "cache_fingerprint": cache_fingerprint(recipe),  # also covers data, model and SAE contents
+    }
+
+
+# --- train and evaluate ---------------------------------------------------------------------
+def _always_needed(recipe: Recipe) -> str | None:
+    return None
+
+
+def _train_sections(recipe: Recipe) -> dict[str, Any]:
+    d = resolved_recipe(recipe)
+    keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "precompute")
+    return {**_pick(d, *keys), "data_content": data_content(recipe)}
+
+
+def _evaluate_sections(recipe: Recipe) -> dict[str, Any]:
+    d = resolved_recipe(recipe)
+    keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "evaluate")
+    return {**_pick(d, *keys), "data_content": data_content(recipe)}
+
+
+# --- the pipeline, in order ---------------------------------------------------------------
+PIPELINE: tuple[Stage, ...] = (
+    Stage(
+        name="precompute",
+        upstream=(),
+        not_needed=_precompute_not_needed,
+        sections=_precompute_sections,
+        outputs=lambda recipe: [Path(recipe.cache_dir)],
+        runner="fpo_recipes.stages.precompute:run_stage",
+        help="one no-grad pass of the reference model: the offline reference cache",
+    ),
+    Stage(
+        name="train",
+        upstream=("precompute",),
+        not_needed=_always_needed,
+        sections=_train_sections,
+        outputs=lambda recipe: [Path(recipe.output_dir)],
+        runner="fpo_recipes.stages.train:run_stage",
+        help="Axolotl training with the FPO plugin",
+    ),
+    Stage(
+        name="evaluate",
+        upstream=("train",),
+        not_needed=_always_needed,
+        sections=_evaluate_sections,
+        outputs=lambda recipe: [Path(recipe.output_dir) / "eval"],
+        runner="fpo_recipes.stages.evaluate:run_stage",
+        help="the paper's metrics for the trained model against its reference",
+    ),
+)
+
+
+def _check(pipeline: tuple[Stage, ...]) -> dict[str, Stage]:
+    stages: dict[str, Stage] = {}
+    for stage in pipeline:
+        if stage.name in stages:
+            raise ValueError(f"stage {stage.name!r} is registered twice")
+        late = [u for u in stage.upstream if u not in stages]
+        if late:
+            raise ValueError(f"stage {stage.name!r}: upstream {late} must be registered before it")
+        stages[stage.name] = stage
+    return stages
+
+
+STAGES: dict[str, Stage] = _check(PIPELINE)
+
+
+def get_stage(name: str) -> Stage:
+    return STAGES[name]
