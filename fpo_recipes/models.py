@@ -12,23 +12,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-BUILTIN_MODELS = ("builtin:gemma3-270m",)
-
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def resolve_model_path(name_or_path: str, base_dir: str | Path | None = None) -> str:
     """A loadable model location: a local directory (absolute) or a hub name.
 
-    ``builtin:gemma3-270m`` is converted once from its GGUF by the quickstart (lazily, so
-    nothing is built unless a recipe asks for it); relative local paths are resolved against
-    ``base_dir`` (the recipe's folder); anything else is left as a hub name."""
+    ``builtin:<name>`` (a packaged model, :mod:`fpo_recipes.builtin_models`) and a local
+    ``.gguf`` file (:mod:`fpo_recipes.gguf_models`) are converted once into a cache folder,
+    lazily, so nothing is built unless a stage loads the model; relative local paths are
+    resolved against ``base_dir`` (the recipe's folder); anything else is left as a hub name."""
     if name_or_path.startswith("builtin:"):
-        if name_or_path == "builtin:gemma3-270m":
-            from fpo_recipes.quickstart.gemma3 import ensure_model
+        from fpo_recipes.builtin_models import ensure_builtin
 
-            return str(ensure_model())
-        raise ValueError(f"unknown built-in model {name_or_path!r} (known: {', '.join(BUILTIN_MODELS)})")
+        return str(ensure_builtin(name_or_path))
+    resolved = _local_or_hub(name_or_path, base_dir)
+    if resolved.lower().endswith(".gguf") and Path(resolved).is_file():
+        from fpo_recipes.gguf_models import ensure_gguf_model
+
+        return str(ensure_gguf_model(resolved))
+    return resolved
+
+
+def _local_or_hub(name_or_path: str, base_dir: str | Path | None) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_absolute():
         return str(path)
@@ -39,6 +45,12 @@ def resolve_model_path(name_or_path: str, base_dir: str | Path | None = None) ->
     if path.exists():
         return str(path.resolve())
     return name_or_path
+
+
+def is_converted_on_load(name_or_path: str) -> bool:
+    """A name that stages convert into a cached folder when they load it (builtin or .gguf):
+    fingerprints and messages use the name itself rather than building the folder."""
+    return name_or_path.startswith("builtin:") or name_or_path.lower().endswith(".gguf")
 
 
 class ModelLoadError(OSError):
@@ -56,8 +68,8 @@ def naming_the_model(recipe, which: str):
     except OSError as exc:
         section = "reference" if which == "reference" and recipe.reference is not None else "model"
         name = getattr(recipe, section).name_or_path
-        # (a built-in name is left as is: resolving it would build it again)
-        location = name if name.startswith("builtin:") else resolve_model_path(recipe.resolve_input(name), recipe.base_dir)
+        # (a built-in name or GGUF file is not resolved: that would convert it again)
+        location = recipe.resolve_input(name) if is_converted_on_load(name) else resolve_model_path(recipe.resolve_input(name), recipe.base_dir)
         field = f"{section}.name_or_path"
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if Path(location).exists():

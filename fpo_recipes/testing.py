@@ -145,3 +145,64 @@ def make_pairs_file(path: str | Path, n: int = 6) -> Path:
             p, c, r = PAIRS[i % len(PAIRS)]
             f.write(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n")
     return path
+
+
+# --- GGUF files ----------------------------------------------------------------------------
+def _permute_for_gguf(weights, n_head: int):
+    """llama.cpp's q/k row order (its converter's permute; transformers reverses it on load)."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def write_llama_gguf(path: str | Path, model, vocab) -> Path:
+    """Write a Llama-architecture causal LM (a transformers model) and a tokenizer
+    vocabulary (:class:`fpo_recipes.gguf_tokenizer.GGUFVocab`) as an F32 GGUF, named and
+    laid out as llama.cpp's converter writes it."""
+    import gguf
+
+    cfg = model.config
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.token_types)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    for token_id, add in ((vocab.bos_id, writer.add_bos_token_id), (vocab.eos_id, writer.add_eos_token_id),
+                          (vocab.unk_id, writer.add_unk_token_id), (vocab.pad_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # a tied head is not stored (llama.cpp reuses token_embd)
+        base, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(base)}.{suffix}"
+        data = tensor.detach().float().numpy()
+        if ".attn_q." in name:
+            data = _permute_for_gguf(data, cfg.num_attention_heads)
+        elif ".attn_k." in name:
+            data = _permute_for_gguf(data, cfg.num_key_value_heads)
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -235,8 +235,10 @@ def test_builtin_model_folder_maps_back_to_its_name(tmp_path, monkeypatch):
     synthesized recipe names the built-in again (same cache identity as the recipe)."""
     from fpo_recipes.axolotl import recipe_for_axolotl_cfg
 
-    monkeypatch.setenv("FPO_CACHE_HOME", str(tmp_path))
-    (tmp_path / "gemma3-270m").mkdir()
+    from fpo_recipes.gguf_models import RECORD_FILE
+
+    (tmp_path / "gemma3-270m").mkdir()  # a converted folder says what the recipe called it
+    (tmp_path / "gemma3-270m" / RECORD_FILE).write_text('{"model": "builtin:gemma3-270m"}')
     r = recipe_for_axolotl_cfg(_plain_cfg(base_model=str(tmp_path / "gemma3-270m"), fpo_reference_model=str(tmp_path / "gemma3-270m")))
     assert r.model.name_or_path == "builtin:gemma3-270m" and r.reference_model.name_or_path == "builtin:gemma3-270m"
     assert recipe_for_axolotl_cfg(_plain_cfg()).model.name_or_path == "google/gemma-2-2b"

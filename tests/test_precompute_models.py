@@ -3,9 +3,6 @@ and a frozen reference model in the recipe's dtype."""
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 
@@ -18,14 +15,13 @@ def test_resolve_model_path(tmp_path, monkeypatch):
     assert resolve_model_path("models/m", tmp_path) == str(tmp_path / "models" / "m")
     assert resolve_model_path("./missing", tmp_path) == str(tmp_path / "missing")
     assert resolve_model_path("google/gemma-2-2b", tmp_path) == "google/gemma-2-2b"
-    calls = []
-    fake = types.ModuleType("fpo_recipes.quickstart.gemma3")
-    fake.ensure_model = lambda: calls.append(1) or tmp_path / "built"
-    monkeypatch.setitem(sys.modules, "fpo_recipes.quickstart", types.ModuleType("fpo_recipes.quickstart"))
-    monkeypatch.setitem(sys.modules, "fpo_recipes.quickstart.gemma3", fake)
-    assert resolve_model_path("builtin:gemma3-270m") == str(tmp_path / "built") and calls == [1]
     with pytest.raises(ValueError, match="unknown built-in model"):
         resolve_model_path("builtin:nope")
+    calls = []
+    from fpo_recipes import builtin_models
+
+    monkeypatch.setattr(builtin_models, "ensure_builtin", lambda name: calls.append(name) or tmp_path / "built")
+    assert resolve_model_path("builtin:gemma3-270m") == str(tmp_path / "built") and calls == ["builtin:gemma3-270m"]
 
 
 def test_shapes_from_config_and_frozen_reference(write_recipe):

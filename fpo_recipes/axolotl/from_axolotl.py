@@ -175,18 +175,14 @@ def _lenient_prefix(field: str) -> str | None:
     return None
 
 
-def _builtin_name(location) -> str | None:
-    """``builtin:gemma3-270m`` when ``location`` is the folder the quickstart converts it to
-    (what a recipe naming the built-in model exports as ``base_model``), so the synthesized
-    recipe keeps the recipe's model identity — and its reference-cache fingerprint."""
-    try:
-        from fpo_recipes.quickstart.gemma3 import MODEL_DIRNAME, cache_home
+def _recipe_model_name(location) -> str:
+    """The model name a recipe gave when ``location`` is a folder stages convert a
+    ``builtin:`` name or a ``.gguf`` file into (what such a recipe exports as
+    ``base_model``), so the synthesized recipe keeps the recipe's model identity — and its
+    reference-cache fingerprint; ``location`` itself otherwise."""
+    from fpo_recipes.gguf_models import converted_from
 
-        if Path(str(location)).expanduser().resolve() == (cache_home() / MODEL_DIRNAME).resolve():
-            return "builtin:gemma3-270m"
-    except (ImportError, OSError, ValueError):
-        pass
-    return None
+    return converted_from(str(location)) or location
 
 
 def _run_name(output_dir: str) -> str:
@@ -291,7 +287,7 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
     base_model = get_key(cfg, "base_model")
     model: dict[str, Any] = {"dtype": axolotl_dtype(cfg)}
     if base_model is not None:  # absent: the recipe's "required field is missing", named base_model
-        model["name_or_path"] = _builtin_name(base_model) or base_model
+        model["name_or_path"] = _recipe_model_name(base_model)
     if get_key(cfg, "revision_of_model"):
         model["revision"] = get_key(cfg, "revision_of_model")
     if get_key(cfg, "trust_remote_code") is not None:
@@ -358,7 +354,7 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
     values = {k: plain(get_key(cfg, k)) for k in FPO_KEYS}
     values = {k: v for k, v in values.items() if v is not None}
     if values.get("fpo_reference_model"):
-        values["fpo_reference_model"] = _builtin_name(values["fpo_reference_model"]) or values["fpo_reference_model"]
+        values["fpo_reference_model"] = _recipe_model_name(values["fpo_reference_model"])
     apply_fpo_keys(data, values)
 
     recipe, invalid = _validate(data, file, label, lenient=True)

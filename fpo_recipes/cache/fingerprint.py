@@ -85,6 +85,8 @@ def model_content_digest(path: str | Path) -> str | None:
 
 def tokenizer_content_digest(path: str | Path) -> str | None:
     root = Path(path)
+    if root.is_file():  # a GGUF file holds its tokenizer
+        return file_digest(root)
     return _files_digest(root, list(TOKENIZER_FILES)) if root.is_dir() else None
 
 
@@ -103,9 +105,12 @@ LOCAL = "<local: see content>"
 
 
 def _location(recipe, name_or_path: str) -> str:
-    if name_or_path.startswith("builtin:"):
-        return name_or_path  # never build it just to fingerprint it
-    from fpo_recipes.models import resolve_model_path
+    from fpo_recipes.models import is_converted_on_load, resolve_model_path
+
+    if is_converted_on_load(name_or_path):
+        # never convert it just to fingerprint it: a builtin name is its identity, a GGUF
+        # file is identified by its content
+        return recipe.resolve_input(name_or_path)
 
     return resolve_model_path(recipe.resolve_input(name_or_path), recipe.base_dir)
 

@@ -1,8 +1,6 @@
 """The embedded, offline default: Gemma 3 270M, a self-made preference data set, and an
 SAE trained here with sae-lens.
 
-- :mod:`.gemma3` — ``ensure_model()``: the GGUF package → a local HF model directory with
-  a correctly rebuilt BPE tokenizer (``builtin:gemma3-270m``).
 - :mod:`.data` — arithmetic preference pairs (correct vs wrong answer) and ``verify``.
 - :mod:`.sae_train` — collect activations at a decoder layer and train a TopK/JumpReLU SAE
   with sae-lens's ``SAETrainer``; cached by fingerprint.

@@ -58,10 +58,20 @@ def _check_files(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
         models.append(("reference", recipe.reference))
     for section, ref in models:
         name, resolved = ref.name_or_path, Path(recipe.resolve_input(ref.name_or_path))
-        if name.startswith((".", "/", "~")) and not resolved.exists():
+        if name.startswith("builtin:"):
+            from fpo_recipes.builtin_models import builtin_entry
+
+            try:
+                builtin_entry(name)
+            except ValueError as exc:
+                issues.append(_issue(recipe, (section, "name_or_path"), str(exc)))
+        elif name.startswith((".", "/", "~")) and not resolved.exists():
             issues.append(_issue(recipe, (section, "name_or_path"),
                 f"{resolved} does not exist (hint: relative paths are read from the recipe's folder; "
                 "a hub name looks like google/gemma-2-2b)"))
+        elif resolved.is_file() and resolved.suffix.lower() != ".gguf":
+            issues.append(_issue(recipe, (section, "name_or_path"),
+                f"{resolved} is a file (hint: a model is a folder as save_pretrained writes it, or a .gguf file)"))
         elif resolved.is_dir() and not (resolved / "config.json").is_file():
             issues.append(_issue(recipe, (section, "name_or_path"),
                 f"{resolved} has no config.json (hint: a model folder as save_pretrained writes it: "

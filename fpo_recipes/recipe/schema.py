@@ -59,7 +59,7 @@ class LoraSpec(Section):
 
 
 class ModelSpec(Section):
-    name_or_path: str = Field(description="Hub id, local directory, or builtin:gemma3-270m")
+    name_or_path: str = Field(description="Hub id, local model folder, local .gguf file, or builtin:<name> (a packaged model, e.g. builtin:gemma3-270m)")
     revision: str | None = None
     dtype: Dtype = "bfloat16"
     load_in_4bit: bool = False

@@ -1,8 +1,8 @@
 """Model and SAE shapes known without downloading anything.
 
 Used by `fpo validate` to check layer < depth, k <= SAE width and SAE d_in == hidden
-size before a GPU hour is spent. Sources, in order: a local config file, then the
-built-in tables below (public configs of the Gemma families and Gemma Scope).
+size before a GPU hour is spent. Sources, in order: a local config file (or a GGUF
+file's metadata), then the built-in tables below (public configs of the Gemma families and Gemma Scope).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ KNOWN_MODELS: dict[str, ModelShape] = {
     "google/gemma-3-1b-it": ModelShape(26, 1152),
     "google/gemma-3-4b-pt": ModelShape(34, 2560),
     "google/gemma-3-4b-it": ModelShape(34, 2560),
-    "builtin:gemma3-270m": ModelShape(18, 640),
 }
 
 # Gemma Scope releases (sae-lens names): residual-stream / MLP SAEs, d_in = model hidden size.
@@ -73,12 +72,32 @@ def _text_config(cfg: dict) -> dict:
 def model_shape(name_or_path: str) -> ModelShape | None:
     """Shape from a local config.json, else the built-in table; None when unknown.
     Raises ShapeFileError for a config.json that cannot be read."""
+    if name_or_path.startswith("builtin:"):
+        from fpo_recipes.builtin_models import BUILTIN_MODELS
+
+        entry = BUILTIN_MODELS.get(name_or_path.removeprefix("builtin:"))
+        return ModelShape(entry.num_layers, entry.hidden_size) if entry else None
+    if str(name_or_path).lower().endswith(".gguf") and Path(name_or_path).is_file():
+        return _gguf_shape(Path(name_or_path))
     config = Path(name_or_path) / "config.json"
     if config.is_file():
         cfg = _text_config(_read_json(config))
         if "num_hidden_layers" in cfg and "hidden_size" in cfg:
             return ModelShape(cfg["num_hidden_layers"], cfg["hidden_size"])
     return KNOWN_MODELS.get(name_or_path)
+
+
+def _gguf_shape(path: Path) -> ModelShape | None:
+    """Depth and width from a GGUF file's metadata (``<arch>.block_count`` / ``.embedding_length``)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        arch = reader.fields["general.architecture"].contents()
+        depth, width = (reader.fields.get(f"{arch}.{key}") for key in ("block_count", "embedding_length"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ShapeFileError(f"{path} is not a readable GGUF file ({exc})") from None
+    return ModelShape(int(depth.contents()), int(width.contents())) if depth and width else None
 
 
 def _npz_array_shape(path: Path, name: str) -> tuple[int, ...] | None:
