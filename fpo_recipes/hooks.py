@@ -4,9 +4,13 @@ SAEs are trained on ``blocks.L.hook_resid_post`` — the decoder layer's own out
 ``hidden_states`` tuple is not that for the last layer (its last entry is after the final
 norm), so we hook modules instead of reading ``output_hidden_states``:
 
-- ``resid_post``: a forward hook on decoder layer L (its output);
-- ``mlp_out``: a forward hook on the MLP's output as added to the residual — for Gemma the
-  ``post_feedforward_layernorm`` output, otherwise the ``mlp`` module's output.
+- ``resid_post``: a forward hook on decoder layer L (its output) — TransformerLens's
+  ``blocks.L.hook_resid_post``, in every family;
+- ``mlp_out``: a forward hook on the MLP's contribution as added to the residual stream —
+  TransformerLens's ``blocks.L.hook_mlp_out``. Which module that is depends on the family
+  (:data:`MLP_OUT_MODULE`): Gemma 2/3 normalise the MLP output before adding it (the
+  ``post_feedforward_layernorm`` output), Llama, Mistral and Qwen 2/3 add the ``mlp``
+  output itself. Other families fall back to the first of those modules the layer has.
 
 Works through peft wrappers (layers are found by shape, not by attribute path) and under
 gradient checkpointing: the layer's checkpointed call is wrapped so the captured tensor is
@@ -24,7 +28,35 @@ from torch import nn
 from fpo_recipes.models import text_config
 from fpo_recipes.sae import SAECompatError, layer_depth_problem
 
-HOOKS = ("resid_post", "mlp_out")
+# model_type (of the text config) -> the decoder-layer submodule whose output is mlp_out
+MLP_OUT_MODULE = {
+    "llama": "mlp",
+    "mistral": "mlp",
+    "qwen2": "mlp",
+    "qwen3": "mlp",
+    "gemma2": "post_feedforward_layernorm",
+    "gemma3_text": "post_feedforward_layernorm",
+}
+_MLP_OUT_FALLBACK = ("post_feedforward_layernorm", "mlp", "feed_forward", "block_sparse_moe")
+
+
+def _resid_post(model: nn.Module, block: nn.Module) -> nn.Module:
+    return block
+
+
+def _mlp_out(model: nn.Module, block: nn.Module) -> nn.Module:
+    config = getattr(model, "config", None)
+    family = getattr(text_config(config), "model_type", None) if config is not None else None
+    names = (MLP_OUT_MODULE[family],) if family in MLP_OUT_MODULE else _MLP_OUT_FALLBACK
+    for name in names:
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise ValueError(f"sae.hook: mlp_out is not supported for {type(block).__name__} (no {' / '.join(names)} module)")
+
+
+# hook point -> the module (given the model and decoder layer L) whose output it is
+HOOK_POINTS = {"resid_post": _resid_post, "mlp_out": _mlp_out}
+HOOKS = tuple(HOOK_POINTS)
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -47,20 +79,13 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def hook_module(model: nn.Module, layer: int, hook: str) -> nn.Module:
     """The module whose output is the hook point ``hook`` at decoder layer ``layer``."""
-    if hook not in HOOKS:
+    if hook not in HOOK_POINTS:
         raise ValueError(f"sae.hook: unknown hook {hook!r} (expected one of {', '.join(HOOKS)})")
     layers = find_decoder_layers(model)
     problem = layer_depth_problem(layer, len(layers))
     if problem:
         raise SAECompatError(f"sae.layer: {problem}")
-    block = layers[layer]
-    if hook == "resid_post":
-        return block
-    # Gemma 2/3 normalise the MLP output before adding it to the residual stream.
-    for name in ("post_feedforward_layernorm", "mlp", "feed_forward", "block_sparse_moe"):
-        if hasattr(block, name):
-            return getattr(block, name)
-    raise ValueError(f"sae.hook: mlp_out is not supported for {type(block).__name__} (no MLP module found)")
+    return HOOK_POINTS[hook](model, layers[layer])
 
 
 def first_tensor(output) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Small, offline building blocks for tests, benchmarks and demos.
 
 Everything here is built locally from configs with random weights: a tiny BPE
-tokenizer trained on a fixed corpus, a tiny causal LM (Gemma-2 or Llama shape),
+tokenizer trained on a fixed corpus, a tiny causal LM of one of the supported families
+(Llama, Mistral, Qwen 2/3, Gemma 2/3; tied or untied, soft-capped or not), a GGUF file,
 a random sae-lens SAE, and a JSONL file of preference pairs. Nothing downloads.
 """
 
@@ -67,9 +68,15 @@ def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 384):
     return fast
 
 
-def tiny_config(arch: str = "gemma2", vocab_size: int = 256, num_layers: int = 3, hidden: int = 32):
-    """A config for a tiny causal LM of the given architecture family."""
-    from transformers import Gemma2Config, LlamaConfig
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+FAMILY_DEFAULT = "family default"  # soft-capping as the family has it (Gemma 2: 30, others: none)
+
+
+def tiny_config(arch: str = "gemma2", vocab_size: int = 256, num_layers: int = 3, hidden: int = 32,
+                tie_word_embeddings: bool | None = None, final_logit_softcapping: float | str | None = FAMILY_DEFAULT):
+    """A config for a tiny causal LM of one of :data:`FAMILIES` (each family's own defaults
+    for tied embeddings and soft-capping unless given: Gemma ties and Gemma 2 soft-caps)."""
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -84,27 +91,38 @@ def tiny_config(arch: str = "gemma2", vocab_size: int = 256, num_layers: int = 3
         eos_token_id=1,
         bos_token_id=2,
     )
-    if arch == "gemma2":
-        return Gemma2Config(
-            **common,
-            sliding_window=64,
-            final_logit_softcapping=30.0,
-            attn_logit_softcapping=50.0,
-            query_pre_attn_scalar=hidden // 2,
-            attn_implementation="eager",
-        )
+    if tie_word_embeddings is not None:
+        common["tie_word_embeddings"] = tie_word_embeddings
+    if arch in ("gemma2", "gemma3"):
+        softcap = final_logit_softcapping
+        if softcap == FAMILY_DEFAULT:
+            softcap = 30.0 if arch == "gemma2" else None
+        gemma = dict(common, sliding_window=64, query_pre_attn_scalar=hidden // 2, final_logit_softcapping=softcap)
+        if arch == "gemma2":
+            return Gemma2Config(**gemma, attn_logit_softcapping=50.0, attn_implementation="eager")
+        return Gemma3TextConfig(**gemma)
+    if final_logit_softcapping not in (None, FAMILY_DEFAULT):
+        raise ValueError(f"{arch} has no final-logit soft-capping")
     if arch == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=False)
-    raise ValueError(f"unknown tiny architecture {arch!r}")
+        return LlamaConfig(**{"tie_word_embeddings": False, **common})
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=64)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "qwen3":
+        return Qwen3Config(**common)
+    raise ValueError(f"unknown tiny architecture {arch!r} (families: {', '.join(FAMILIES)})")
 
 
-def make_tiny_model(out_dir: str | Path, arch: str = "gemma2", num_layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
+def make_tiny_model(out_dir: str | Path, arch: str = "gemma2", num_layers: int = 3, hidden: int = 32, seed: int = 0,
+                    tie_word_embeddings: bool | None = None, final_logit_softcapping: float | str | None = FAMILY_DEFAULT) -> Path:
     """Save a tiny random-weight causal LM plus tokenizer to ``out_dir``; return the path."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     tokenizer = make_tiny_tokenizer(out)
-    config = tiny_config(arch, vocab_size=len(tokenizer), num_layers=num_layers, hidden=hidden)
+    config = tiny_config(arch, vocab_size=len(tokenizer), num_layers=num_layers, hidden=hidden,
+                         tie_word_embeddings=tie_word_embeddings, final_logit_softcapping=final_logit_softcapping)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
