@@ -8,14 +8,14 @@ from pathlib import Path
 import typer
 import yaml
 
-from fpo_recipes.cli import evaluate, features, precompute, quickstart, run, train
+from fpo_recipes.cli import evaluate, features, precompute, quickstart, run, sae, train
 from fpo_recipes.cli.common import load_recipe_or_exit
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
-from fpo_recipes.recipe.sae_sources import uses_sae
+from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
 
 app = typer.Typer(
     name="fpo",
-    help="Feature-level constrained preference optimisation recipes: validate, precompute, train, evaluate.",
+    help="Feature-level constrained preference optimisation recipes: validate, then run (sae, precompute, train, evaluate).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -26,8 +26,14 @@ def _summary(recipe: Recipe) -> str:
     o = recipe.objective
     parts = [f"{o.method} on {recipe.model.name_or_path}"]
     if uses_sae(recipe):
-        source = recipe.sae.path or f"{recipe.sae.release}/{recipe.sae.id}"
-        parts.append(f"SAE {source} @ layer {recipe.sae.layer} ({recipe.sae.hook})")
+        sae = recipe.sae
+        if sae.train is not None:
+            t = sae.train
+            sparsity = f"k={t.k}" if t.architecture == "topk" else f"l0={t.l0}"
+            source = f"trained here ({t.architecture}, {t.width} features, {sparsity}) -> {sae_location(recipe)}"
+        else:
+            source = sae.path or f"{sae.release}/{sae.id}"
+        parts.append(f"SAE {source} @ layer {sae.layer} ({sae.hook})")
     knobs = [f"beta={o.beta}"]
     if o.alpha is not None:
         knobs.append(f"alpha={o.alpha}")
@@ -75,5 +81,5 @@ def schema() -> None:
 
 
 # Stage commands live beside the stages they drive; each module adds itself to the app.
-for _module in (precompute, train, evaluate, run, features, quickstart):
+for _module in (sae, precompute, train, evaluate, run, features, quickstart):
     _module.register(app)

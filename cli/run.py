@@ -1,4 +1,5 @@
-"""`fpo run RECIPE`: precompute -> train -> evaluate, reusing finished stages."""
+"""`fpo run RECIPE`: the registered stages in order (sae -> precompute -> train -> evaluate),
+reusing finished ones."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 import typer
 
 from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.stages.registry import PIPELINE
+
+_STAGE_NAMES = ", ".join(s.name for s in PIPELINE)
 
 
 def register(app: typer.Typer) -> None:
@@ -15,11 +19,15 @@ def register(app: typer.Typer) -> None:
 
 def run(
     recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
-    from_stage: str | None = typer.Option(None, "--from", help="Rerun from this stage on: precompute, train or evaluate."),
-    only: str | None = typer.Option(None, "--only", help="Run just this stage (forced): precompute, train or evaluate."),
+    from_stage: str | None = typer.Option(None, "--from", help=f"Rerun from this stage on: {_STAGE_NAMES}."),
+    only: str | None = typer.Option(None, "--only", help=f"Run just this stage (forced): {_STAGE_NAMES}."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
 ) -> None:
-    """Run a recipe end to end; stages whose outputs match the recipe are reused."""
+    """Run a recipe end to end; stages whose outputs match the recipe are reused.
+
+    Stages, in order: sae (train the SAE sae.train describes), precompute (the offline
+    reference cache), train (Axolotl with the FPO plugin), evaluate. A stage the recipe does
+    not need is skipped; the plan says why."""
     from fpo_recipes.cli.evaluate import print_run
     from fpo_recipes.stages import run as pipeline
 
@@ -27,7 +35,7 @@ def run(
     try:
         if dry_run:
             plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only)
-            typer.echo(pipeline.format_plan(recipe, plans, prestep=pipeline.quickstart_sae_needed(recipe)))
+            typer.echo(pipeline.format_plan(recipe, plans))
             return
         results = pipeline.run_pipeline(recipe, from_stage=from_stage, only=only, echo=typer.echo)
     except pipeline.PipelineError as exc:

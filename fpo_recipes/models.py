@@ -171,18 +171,20 @@ def attention_kwargs(config) -> dict[str, Any]:
     return {"attn_implementation": "eager"} if model_type.startswith("gemma2") else {}
 
 
-def load_reference_model(recipe, device=None):
-    """The frozen reference model (``reference`` section, else the policy's start) in
-    ``reference.dtype``, eval mode, no gradients, on ``device`` (default: CPU)."""
+def load_frozen_model(recipe, which: str = "reference", dtype: str | None = None, device=None):
+    """The reference (``which="reference"``: the ``reference`` section, else the policy's
+    start) or the policy's starting model (``"model"``), frozen: eval mode, no gradients, in
+    ``dtype`` (default: that section's dtype), on ``device`` (default: CPU)."""
     from transformers import AutoModelForCausalLM
 
-    path, revision = _model_location(recipe, "reference")
-    config = load_model_config(recipe, "reference")
-    with naming_the_model(recipe, "reference"):
+    path, revision = _model_location(recipe, which)
+    config = load_model_config(recipe, which)
+    spec = recipe.reference_model if which == "reference" else recipe.model
+    with naming_the_model(recipe, which):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             revision=revision,
-            dtype=torch_dtype(recipe.reference_model.dtype),
+            dtype=torch_dtype(dtype or spec.dtype),
             trust_remote_code=recipe.model.trust_remote_code,
             **attention_kwargs(config),
         )
@@ -191,3 +193,9 @@ def load_reference_model(recipe, device=None):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_reference_model(recipe, device=None):
+    """The frozen reference model (``reference`` section, else the policy's start) in
+    ``reference.dtype``, eval mode, no gradients, on ``device`` (default: CPU)."""
+    return load_frozen_model(recipe, "reference", device=device)

@@ -127,6 +127,20 @@ def test_perturbed_model_writes_metrics_report_plots(write_recipe, tiny_model_di
     assert "![KL and feature MSE](kl_mse.png)" in report
 
 
+VERIFIED: list[str] = []
+
+
+def even_length(prompt: str, response: str) -> bool:
+    """A stand-in answer check the recipe names as test_evaluate_stage:even_length."""
+    VERIFIED.append(prompt)
+    return len(response) % 2 == 0
+
+
+def has_a_vowel(prompt: str, response: str) -> bool:
+    VERIFIED.append(prompt)
+    return any(c in "aeiou" for c in response)
+
+
 def test_answer_accuracy_win_rate_and_compare(write_recipe, tiny_model_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -143,25 +157,25 @@ def test_answer_accuracy_win_rate_and_compare(write_recipe, tiny_model_dir, tmp_
     assert ra["metrics"]["reference"]["preference_accuracy"] is not None
     assert "feature_mse_chosen" not in ra["metrics"]["trained"]  # no SAE in this recipe
 
-    # run B: fpo, with answer accuracy through a stand-in verifier and a win rate against A
-    calls = []
-
-    def verify(prompt, response):
-        calls.append(prompt)
-        return len(response) % 2 == 0
-
-    monkeypatch.setattr(E, "quickstart_verifier", lambda recipe: verify)
+    # run B: fpo, with answer accuracy through two verifiers the recipe names and a win rate against A
+    VERIFIED.clear()
     monkeypatch.setattr(J, "chat_completion", lambda endpoint, model, messages, api_key=None, timeout=60.0: "A")
     judge = {"endpoint": "http://judge.invalid/v1", "model": "judge", "baseline_run": str(a.output_dir)}
-    evaluate = {**EVAL, "metrics": ["preference_accuracy", "seq_kl", "feature_mse", "entropy", "answer_accuracy", "win_rate"], "judge": judge}
+    evaluate = {**EVAL, "metrics": ["preference_accuracy", "seq_kl", "feature_mse", "entropy", "answer_accuracy", "win_rate"],
+                "judge": judge, "verifiers": ["test_evaluate_stage:even_length", "test_evaluate_stage:has_a_vowel"]}
     b = load_recipe(write_recipe("b.yaml", data=DATA, evaluate=evaluate, train={"output_dir": str(tmp_path / "run_b")}))
     _trained_copy(tiny_model_dir, b.output_dir, noise=0.05)
     result = CliRunner().invoke(app, ["evaluate", str(b.source_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "SeqKL chosen" in result.output
     rb = json.loads((b.output_dir / "eval" / "metrics.json").read_text())
-    assert 0 <= rb["metrics"]["trained"]["answer_accuracy"] <= 1 and "answer_accuracy" in rb["metrics"]["reference"]
-    assert len(calls) == 2 * 2 * 2  # every generation of both models was checked
+    assert len(VERIFIED) == 2 * 2 * 2 * 2  # both verifiers saw every generation of both models
+    gens = [json.loads(line) for line in (b.output_dir / "eval" / "generations.jsonl").read_text().splitlines()]
+    for model in ("trained", "reference"):
+        texts = [g["text"] for g in gens if g["model"] == model]
+        row = rb["metrics"][model]
+        assert row["answer_accuracy"] == sum(even_length("", t) and has_a_vowel("", t) for t in texts) / len(texts)
+        assert row["answer_accuracy/test_evaluate_stage:even_length"] == sum(even_length("", t) for t in texts) / len(texts)
     assert rb["win_rate"]["n"] == 2 and rb["win_rate"]["wins"] + rb["win_rate"]["losses"] == 2
     assert rb["metrics"]["trained"]["win_rate"] == rb["win_rate"]["win_rate"]
 

@@ -100,20 +100,13 @@ def test_make_quickstart_cli(tmp_path):
     assert len(qd.read_jsonl(tmp_path / "eval.jsonl")) == 4
 
 
-def test_quickstart_recipe_validates_and_is_detected():
-    from fpo_recipes.quickstart import is_quickstart_data
+def test_quickstart_recipe_validates_and_names_its_verifier():
+    from fpo_recipes.evaluate.verifiers import load_verifier
     from fpo_recipes.recipe import load_and_check
 
     recipe = load_and_check(REPO / "recipes" / "quickstart.yaml")
     assert recipe.model.name_or_path == "builtin:gemma3-270m" and recipe.model.dtype == "float32"
-    assert recipe.objective.method == "fpo" and recipe.sae.path and recipe.sae.layers == [12]
-    assert recipe.objective.k <= min(recipe.sae.width, recipe.precompute.k_cache)
-    assert is_quickstart_data(recipe)
-    assert "answer_accuracy" in recipe.evaluate.metrics
-
-
-def test_tiny_fixture_data_is_not_quickstart_data(write_recipe):
-    from fpo_recipes.quickstart import is_quickstart_data
-    from fpo_recipes.recipe import load_recipe
-
-    assert not is_quickstart_data(load_recipe(write_recipe()))
+    assert recipe.objective.method == "fpo" and recipe.sae.train is not None and recipe.sae.layers == [12]
+    assert recipe.objective.k <= min(recipe.sae.known_width, recipe.precompute.k_cache)
+    assert "answer_accuracy" in recipe.evaluate.metrics and recipe.evaluate.verifiers == ["fpo_recipes.quickstart:verify"]
+    assert load_verifier(recipe.evaluate.verifiers[0]) is qd.verify

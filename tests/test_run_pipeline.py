@@ -69,7 +69,7 @@ def test_first_run_runs_all_then_everything_is_reused(write_recipe):
     assert rec.stages == ["precompute", "train", "evaluate"]
     assert all(force is False for _, force in rec.calls)
     recipe = load_recipe(path)
-    for stage in pipeline.STAGES:
+    for stage in ("precompute", "train", "evaluate"):
         marker = json.loads(pipeline.marker_path(recipe, stage).read_text())
         assert marker["fingerprint"] == pipeline.stage_fingerprint(recipe, stage)
         assert Path(marker["outputs"][0]).exists()
@@ -80,7 +80,7 @@ def test_first_run_runs_all_then_everything_is_reused(write_recipe):
     assert rec2.calls == []
     assert results2["train"] == [recipe.output_dir / "train-output"]
     plans = pipeline.plan_pipeline(recipe)
-    assert [p.action for p in plans] == ["reuse", "reuse", "reuse"]
+    assert [p.action for p in plans] == ["skip", "reuse", "reuse", "reuse"]  # sae: the SAE is read from sae.path
 
 
 def test_changed_objective_keeps_cache_retrains_and_reevaluates(write_recipe):
@@ -91,7 +91,7 @@ def test_changed_objective_keeps_cache_retrains_and_reevaluates(write_recipe):
     _run(path, rec)
     assert rec.calls == [("train", True), ("evaluate", True)]
     plan = pipeline.plan_pipeline(load_recipe(path))
-    assert [p.action for p in plan] == ["reuse", "reuse", "reuse"]
+    assert [p.action for p in plan] == ["skip", "reuse", "reuse", "reuse"]
 
 
 def test_changed_evaluate_section_reruns_only_evaluate(write_recipe):
@@ -110,7 +110,7 @@ def test_changed_data_limit_redoes_precompute_and_downstream(write_recipe):
     data["data"]["train"]["limit"] = 4
     path.write_text(yaml.safe_dump(data))
     plans = pipeline.plan_pipeline(load_recipe(path))
-    assert plans[0].action == "run" and "data" in plans[0].reason
+    assert plans[1].stage == "precompute" and plans[1].action == "run" and "data" in plans[1].reason
     rec = Recorder()
     _run(path, rec)
     assert rec.stages == ["precompute", "train", "evaluate"]
@@ -154,7 +154,7 @@ def test_simpo_skips_precompute(write_recipe):
     _run(path, rec)
     assert rec.stages == ["train", "evaluate"]
     plans = pipeline.plan_pipeline(load_recipe(path))
-    assert plans[0].action == "skip" and "cache" in plans[0].reason
+    assert plans[1].stage == "precompute" and plans[1].action == "skip" and "cache" in plans[1].reason
 
 
 def test_only_precompute_for_a_method_without_cache_is_an_error(write_recipe):
@@ -227,25 +227,6 @@ def test_fingerprint_is_stable_and_sensitive(write_recipe):
     c = load_recipe(write_recipe("c.yaml", train={"learning_rate": 0.5}))
     assert pipeline.stage_fingerprint(a, "train") != pipeline.stage_fingerprint(c, "train")
     assert pipeline.stage_fingerprint(a, "precompute") == pipeline.stage_fingerprint(c, "precompute")
-
-
-def test_quickstart_prestep_runs_when_sae_missing(write_recipe, tmp_path, monkeypatch):
-    from fpo_recipes import quickstart
-
-    missing = tmp_path / "quickstart_sae"
-    path = write_recipe(sae={"path": str(missing), "layer": 1, "hook": "resid_post"})
-    calls = []
-
-    def ensure(recipe):
-        calls.append(recipe.name)
-        missing.mkdir()
-
-    monkeypatch.setattr(quickstart, "ensure_quickstart_sae", ensure)
-    rec = Recorder()
-    _run(path, rec)
-    assert calls == ["tiny-fpo"] and rec.stages == ["precompute", "train", "evaluate"]
-    _run(path, Recorder())
-    assert calls == ["tiny-fpo"]  # the SAE exists now
 
 
 def test_cli_run_plan_and_ctrl_c_exit_code(write_recipe, monkeypatch):

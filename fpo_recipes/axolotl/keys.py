@@ -12,6 +12,8 @@ import enum
 from pathlib import Path
 from typing import Any
 
+from fpo_recipes.recipe.sae_sources import sae_location
+
 PLUGIN_NAME = "fpo_recipes.plugins.fpo.FPOPlugin"
 # Axolotl insists on a `datasets:` entry; the plugin's load_datasets hook supplies the data,
 # and this strategy only raises a clear error if the plugin was left out of `plugins:`.
@@ -152,7 +154,8 @@ def recipe_fpo_fields(recipe) -> dict[str, Any]:
     fields: dict[str, Any] = {"fpo_recipe": str(recipe.source_path) if recipe.source_path else None}
     fields.update({key: _field_value(recipe, field) for key, field in FPO_KEY_FIELDS.items()})
     fields.update({  # keys whose value is the field resolved, read or derived
-        "fpo_sae_path": recipe.resolve_input(sae.path) if sae and sae.path else None,
+        # a trained SAE is read from where the sae stage saved it (the plugin trains none)
+        "fpo_sae_path": str(Path(sae_location(recipe)).resolve()) if sae and (sae.path or sae.train) else None,
         "fpo_sae_layers": list(sae.layers) if sae else None,
         "fpo_constraints": constraints_view(recipe) or None,
         "fpo_cache_dir": str(Path(recipe.cache_dir).resolve()),

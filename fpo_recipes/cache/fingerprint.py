@@ -120,6 +120,13 @@ def _name(location: str) -> str:
     return LOCAL if Path(location).exists() else location
 
 
+def model_identity(recipe, name_or_path: str, revision: str | None) -> dict[str, Any]:
+    """What identifies a model a recipe names: a hub or built-in name (+ revision), or a
+    local folder / GGUF file by its content."""
+    location = _location(recipe, name_or_path)
+    return {"name_or_path": _name(location), "revision": revision, "content": model_content_digest(location)}
+
+
 def _sae_fingerprint(recipe) -> dict[str, Any]:
     from fpo_recipes.sae import sae_sources
 
@@ -139,7 +146,8 @@ def _sae_fingerprint(recipe) -> dict[str, Any]:
     }
 
 
-def _data_fingerprint(recipe, source) -> dict[str, Any]:
+def data_source_identity(recipe, source) -> dict[str, Any]:
+    """A data source's settings, with a local path replaced by the content it holds."""
     location = recipe.resolve_input(source.path)
     spec = source.model_dump(mode="json")
     local = Path(location).exists()
@@ -179,9 +187,9 @@ def cache_fingerprint(recipe, split: str = "train") -> dict[str, Any]:
         del fp["sae"]
         fp.update(_sae_fingerprint(recipe))
     if split == "eval" and recipe.data.eval is not None:
-        fp["data.eval"] = _data_fingerprint(recipe, recipe.data.eval)
+        fp["data.eval"] = data_source_identity(recipe, recipe.data.eval)
     else:
-        fp["data.train"] = _data_fingerprint(recipe, recipe.data.train)
+        fp["data.train"] = data_source_identity(recipe, recipe.data.train)
         # Pairs are held out of train only when there is no eval source.
         fp["data.heldout_size"] = recipe.data.heldout_size if recipe.data.eval is None else 0
     return json.loads(json.dumps(fp))  # normalised exactly as it is stored

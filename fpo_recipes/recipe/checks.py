@@ -10,7 +10,7 @@ from fpo_recipes.recipe.features_file import read_features_file
 from fpo_recipes.recipe.loader import RecipeIssue, origin_of
 from fpo_recipes.recipe.sae_sources import SAECompatError, layer_depth_problem, sae_sources, sae_width_problems, uses_sae
 from fpo_recipes.recipe.schema import Recipe
-from fpo_recipes.recipe.shapes import ShapeFileError, model_shape, sae_shape_from_path, sae_shape_from_release
+from fpo_recipes.recipe.shapes import SAEShape, ShapeFileError, model_shape, sae_shape_from_path, sae_shape_from_release
 
 
 def _issue(recipe: Recipe, loc: tuple, message: str) -> RecipeIssue:
@@ -30,8 +30,23 @@ def check_recipe(recipe: Recipe, unparsed: frozenset[str] = frozenset()) -> list
     are skipped (see loader.parse_recipe)."""
     issues: list[RecipeIssue] = []
     issues += _check_files(recipe, unparsed)
+    if "evaluate" not in unparsed:
+        issues += _check_verifiers(recipe)
     if not {"objective", "sae"} & unparsed and uses_sae(recipe):
         issues += _check_sae_shapes(recipe, unparsed)
+    return issues
+
+
+def _check_verifiers(recipe: Recipe) -> list[RecipeIssue]:
+    """Each ``evaluate.verifiers`` entry imports and is callable (its module is imported)."""
+    from fpo_recipes.evaluate.verifiers import VerifierError, load_verifier
+
+    issues = []
+    for i, name in enumerate(recipe.evaluate.verifiers):
+        try:
+            load_verifier(name)
+        except VerifierError as exc:
+            issues.append(_issue(recipe, ("evaluate", "verifiers", i), str(exc)))
     return issues
 
 
@@ -96,10 +111,13 @@ def _check_sae_shapes(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIs
         field, _, message = str(exc).partition(": ")
         return issues + [_issue(recipe, tuple(field.split(".")), message)]
     for layer, source in sources.items():
-        if "path" in source:
+        if sae.train is not None:  # what the sae stage will write there (whatever is there now)
+            shape = SAEShape(d_in=None, d_sae=sae.train.width)
+        elif "path" in source:
             path = Path(source["path"])
-            # A missing SAE is fine when a stage will create it (the quickstart trains one).
             if not path.exists():
+                issues.append(_issue(recipe, ("sae", "path"), f"{path} does not exist (hint: point sae.path at a "
+                                     "sae-lens folder or a params.npz, or add sae.train to train the SAE there)"))
                 continue
             try:
                 shape = sae_shape_from_path(str(path))
@@ -124,7 +142,7 @@ def _check_one_sae(recipe: Recipe, model, layer: int, shape, unparsed: frozenset
     if shape.layer is not None and shape.layer != layer:
         issues.append(_issue(recipe, ("sae", "layer"),
             f"{layer} does not match the SAE id, which names layer {shape.layer} (hint: use one SAE per layer)"))
-    width = shape.d_sae or sae.width
+    width = shape.d_sae or sae.known_width
     if width is not None:
         try:
             targeted = recipe.targeted_features() if "constraints" not in unparsed else {}

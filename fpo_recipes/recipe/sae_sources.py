@@ -22,7 +22,7 @@ def sae_sources(recipe) -> dict[int, dict[str, Any]]:
         return {}
     layers = spec.layers
     sources: dict[int, dict[str, Any]] = {}
-    if spec.path is None:
+    if spec.path is None and spec.train is None:  # a pretrained release
         if len(layers) > 1 and "{layer}" not in spec.id:
             raise SAECompatError(
                 f"sae.id: {spec.id!r} names one SAE but sae.layer lists {len(layers)} layers "
@@ -31,13 +31,13 @@ def sae_sources(recipe) -> dict[int, dict[str, Any]]:
         for layer in layers:
             sources[layer] = {"release": spec.release, "id": spec.id.replace("{layer}", str(layer))}
         return sources
-    raw = recipe.resolve_input(spec.path)
+    raw = sae_location(recipe)
     for layer in layers:
         if "{layer}" in raw:
             sources[layer] = {"path": raw.replace("{layer}", str(layer))}
         elif len(layers) > 1:
             sub = Path(raw) / f"layer_{layer}"
-            if not sub.exists():
+            if not sub.exists() and spec.train is None:  # (the sae stage writes the subfolders)
                 raise SAECompatError(
                     f"sae.path: {raw} is one SAE but sae.layer lists {len(layers)} layers "
                     "(hint: use a {layer} placeholder in the path, or a folder with layer_<L> subfolders)"
@@ -46,6 +46,16 @@ def sae_sources(recipe) -> dict[int, dict[str, Any]]:
         else:
             sources[layer] = {"path": raw}
     return sources
+
+
+def sae_location(recipe) -> str:
+    """Where the recipe's SAE is read from (and, with ``sae.train``, saved to): ``sae.path``
+    resolved against the recipe's folder, else ``<output_dir>/sae`` for a trained SAE."""
+    spec = recipe.sae
+    if spec.path is not None:
+        path = Path(spec.path).expanduser()  # always local (a {layer} template need not exist yet)
+        return str(path if path.is_absolute() else (recipe.base_dir / path).resolve())
+    return str(Path(recipe.output_dir) / "sae")
 
 
 # --- checks shared by validation and the SAE loader ----------------------------------

@@ -6,6 +6,7 @@ with a schema_version bump.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,7 @@ def methods_where(flag: str) -> str:
     return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
+VERIFIER_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 METRICS = ("preference_accuracy", "seq_kl", "feature_mse", "entropy", "targeted_shift", "answer_accuracy", "win_rate")
 
 
@@ -85,13 +87,70 @@ class ReferenceSpec(Section):
     dtype: Dtype = "bfloat16"
 
 
+class CorpusSource(Section):
+    """Texts for SAE training from anything `datasets` reads."""
+
+    path: str = Field(description="local .txt/.jsonl/.json/.csv/.parquet file, a saved datasets folder, or a hub data set name")
+    split: str = "train"
+    text_column: str = "text"
+    limit: int | None = Field(None, ge=1, description="texts at most")
+    streaming: bool | None = Field(None, description="stream the data set (default: hub data sets stream, local files are read whole)")
+
+
+SAE_ARCHITECTURES = ("topk", "jumprelu")
+
+
+class SAETrainSpec(Section):
+    """Train the SAE (the `sae` stage, with sae-lens) on the policy's starting model."""
+
+    architecture: Literal[SAE_ARCHITECTURES] = "topk"  # type: ignore[valid-type]
+    width: int = Field(ge=1, description="number of features (d_sae)")
+    k: int | None = Field(None, ge=1, description="topk: active features per token")
+    l0: float | None = Field(None, gt=0, description="jumprelu: target L0 (active features per token)")
+    l0_coefficient: float | None = Field(None, gt=0, description="jumprelu: weight of the L0 penalty (sae-lens's default 1.0)")
+    tokens: int = Field(2_000_000, ge=1, description="activation vectors the SAE trains on")
+    batch_size: int = Field(4096, ge=1, description="activation vectors per SAE step")
+    lr: float = Field(3e-4, gt=0)
+    corpus: Literal["data"] | CorpusSource = Field(
+        "data", description="'data' (the recipe's training pairs, templated as training sees them) or a text data set")
+    context_size: int | None = Field(
+        None, ge=2, description="pack texts into windows of this many tokens; null: one text per sequence, cut at data.max_length")
+    model_batch_size: int = Field(8, ge=1, description="sequences per forward pass of the model")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto: cuda when available, else cpu")
+    dtype: Dtype | None = Field(None, description="dtype the model runs in for activations (default model.dtype); the SAE trains in float32")
+    min_explained_variance: float = Field(
+        0.6, ge=0, le=1, description="a trained SAE explaining less of the activation variance fails the stage")
+    checkpoints: int = Field(4, ge=0, description="checkpoints during training (resume points)")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _sparsity(self) -> SAETrainSpec:
+        if self.architecture == "topk":
+            if self.k is None:
+                raise ValueError("k: a topk SAE needs k, its active features per token (hint: e.g. k: 32)")
+            if self.l0 is not None or self.l0_coefficient is not None:
+                raise ValueError("l0: applies to jumprelu SAEs; a topk SAE's sparsity is k (hint: remove l0 / l0_coefficient)")
+            if self.k > self.width:
+                raise ValueError(f"k: {self.k} exceeds width {self.width} (hint: k is at most the number of features)")
+        else:
+            if self.l0 is None:
+                raise ValueError("l0: a jumprelu SAE needs l0, its target active features per token (hint: e.g. l0: 32)")
+            if self.k is not None:
+                raise ValueError("k: applies to topk SAEs; a jumprelu SAE's sparsity is l0 (hint: remove k)")
+        if self.batch_size > self.tokens:
+            raise ValueError(f"batch_size: {self.batch_size} exceeds tokens {self.tokens} (hint: tokens is the total, batch_size per step)")
+        return self
+
+
 class SAESpec(Section):
     release: str | None = Field(None, description="sae-lens pretrained release, e.g. gemma-scope-2b-pt-res-canonical")
     id: str | None = Field(None, description="sae-lens SAE id within the release, e.g. layer_25/width_16k/canonical")
-    path: str | None = Field(None, description="local sae-lens directory or Gemma Scope params.npz")
+    path: str | None = Field(
+        None, description="local sae-lens directory or Gemma Scope params.npz; with train: where the SAE is saved (default <output_dir>/sae)")
     layer: int | list[int]
     hook: SAEHook = "resid_post"
     width: int | None = Field(None, ge=1, description="SAE width if known; checked against objective.k")
+    train: SAETrainSpec | None = Field(None, description="train this SAE in the sae stage instead of loading one")
 
     @field_validator("layer")
     @classmethod
@@ -108,6 +167,13 @@ class SAESpec(Section):
     @model_validator(mode="after")
     def _one_source(self) -> SAESpec:
         has_pretrained = self.release is not None or self.id is not None
+        if self.train is not None:
+            if has_pretrained:
+                raise ValueError("train: a trained SAE is saved at sae.path (default <output_dir>/sae), not loaded "
+                                 "from a release (hint: drop release and id, or drop train)")
+            if self.width is not None and self.width != self.train.width:
+                raise ValueError(f"width: {self.width} but sae.train.width is {self.train.width} (hint: drop sae.width)")
+            return self
         if has_pretrained and self.path is not None:
             raise ValueError("path: give either release + id or path, not both (hint: drop path, or drop release and id)")
         if has_pretrained and (self.release is None or self.id is None):
@@ -119,6 +185,11 @@ class SAESpec(Section):
     @property
     def layers(self) -> list[int]:
         return list(self.layer) if isinstance(self.layer, list) else [self.layer]
+
+    @property
+    def known_width(self) -> int | None:
+        """The width the recipe states: ``width``, or the width ``train`` trains."""
+        return self.width if self.width is not None else (self.train.width if self.train is not None else None)
 
 
 class ObjectiveSpec(Section):
@@ -260,11 +331,27 @@ class EvaluateSpec(Section):
     heldout_size: int | None = Field(None, ge=1)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     judge: JudgeSpec | None = None
+    verifiers: list[str] = Field(
+        default_factory=list,
+        description="answer checkers 'module:function', each called as function(prompt, response) -> bool on the "
+        "generations; answer_accuracy is the share every one accepts",
+    )
+
+    @field_validator("verifiers")
+    @classmethod
+    def _verifier_names(cls, v: list[str]) -> list[str]:
+        bad = [name for name in v if not VERIFIER_NAME.match(name)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not 'module:function' (hint: e.g. mypackage.checks:is_correct)")
+        return v
 
     @model_validator(mode="after")
     def _judge(self) -> EvaluateSpec:
         if "win_rate" in self.metrics and self.judge is None:
             raise ValueError("judge: win_rate needs a judge (hint: add evaluate.judge with endpoint, model, baseline_run)")
+        if "answer_accuracy" in self.metrics and not self.verifiers:
+            raise ValueError("verifiers: answer_accuracy needs a verifier to check the answers "
+                             "(hint: evaluate.verifiers: [module:function], a function(prompt, response) -> bool)")
         return self
 
 
@@ -333,8 +420,8 @@ class Recipe(Section):
         if parsed("precompute") and self.precompute.k_cache < o.k:
             problems.append((("precompute", "k_cache"),
                 f"{self.precompute.k_cache} must be >= objective.k ({o.k}) (hint: the cache stores the reference's top-k_cache features)"))
-        if parsed("sae") and self.sae is not None and self.sae.width is not None and o.k > self.sae.width:
-            problems.append((("objective", "k"), k_past_width(o.k, self.sae.width)))
+        if parsed("sae") and self.sae is not None and self.sae.known_width is not None and o.k > self.sae.known_width:
+            problems.append((("objective", "k"), k_past_width(o.k, self.sae.known_width)))
         return problems
 
     # --- resolved views -------------------------------------------------------------

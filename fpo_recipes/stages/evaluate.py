@@ -198,16 +198,6 @@ def _eos_ids(tokenizer, model) -> list[int]:
 
 
 # --- optional metrics ----------------------------------------------------------------------
-def quickstart_verifier(recipe: Recipe) -> Callable[[str, str], bool] | None:
-    """The quickstart answer checker ``verify(prompt, response)`` when answer_accuracy is asked
-    for or the recipe's data are quickstart pairs; None otherwise."""
-    from fpo_recipes import quickstart
-
-    if "answer_accuracy" in recipe.evaluate.metrics or quickstart.is_quickstart_data(recipe):
-        return quickstart.verify
-    return None
-
-
 def _baseline_generations(recipe: Recipe, baseline_run: str) -> dict[str, str]:
     base = Path(baseline_run)
     if not base.exists():
@@ -235,7 +225,23 @@ def preflight(recipe: Recipe, model_dir: str | Path | None = None) -> tuple[Path
     if recipe.evaluate.judge is not None and "win_rate" not in recipe.evaluate.metrics:
         warnings.append("evaluate.judge is set but evaluate.metrics has no win_rate, so no win rate is computed "
                         "(hint: add win_rate to evaluate.metrics, or remove evaluate.judge)")
+    if recipe.evaluate.verifiers and "answer_accuracy" not in recipe.evaluate.metrics:
+        warnings.append("evaluate.verifiers is set but evaluate.metrics has no answer_accuracy, so no answer is checked "
+                        "(hint: add answer_accuracy to evaluate.metrics, or remove evaluate.verifiers)")
     return model_dir, warnings
+
+
+def answer_verifiers(recipe: Recipe) -> dict[str, Callable[[str, str], bool]]:
+    """The recipe's ``evaluate.verifiers`` when answer_accuracy is asked for (imported now,
+    before any model loads); empty otherwise."""
+    from fpo_recipes.evaluate.verifiers import VerifierError, load_verifiers
+
+    if "answer_accuracy" not in recipe.evaluate.metrics:
+        return {}
+    try:
+        return load_verifiers(recipe.evaluate.verifiers)
+    except VerifierError as exc:
+        raise EvaluateError(f"evaluate.verifiers: {exc}") from None
 
 
 def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=None, pairs_per_batch: int | None = None,
@@ -248,6 +254,7 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
     from fpo_recipes.objectives import get_method
 
     model_dir, warnings = preflight(recipe, model_dir)
+    verifiers = answer_verifiers(recipe)
     for w in warnings:  # now, before the long part, and again in the report
         print(f"warning: {w}", file=sys.stderr)
     wanted = set(recipe.evaluate.metrics)
@@ -314,8 +321,7 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
 
     # generations: diversity, answer accuracy, win rate
     gen_rows: list[dict] = []
-    verifier = quickstart_verifier(recipe)
-    need_gen = bool(wanted & {"entropy", "win_rate"}) or verifier is not None
+    need_gen = bool(wanted & {"entropy", "win_rate"}) or bool(verifiers)
     if need_gen:
         g = recipe.evaluate.generation
         seen, prompts, prompt_ids = set(), [], []
@@ -345,10 +351,10 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
                     texts.append((p, text))
                     gen_rows.append({"model": name, "prompt": p, "prompt_text": readable, "sample": j, "text": text,
                                      "n_tokens": len(ids), "entropy": ent})
-            if verifier is not None:
-                from fpo_recipes.evaluate.metrics import accuracy
+            if verifiers:
+                from fpo_recipes.evaluate.verifiers import answer_accuracies
 
-                row["answer_accuracy"] = accuracy(bool(verifier(p, t)) for p, t in texts)
+                row.update(answer_accuracies(verifiers, texts))
         if "win_rate" in wanted and recipe.evaluate.judge is not None:
             from fpo_recipes.evaluate.judge import judge_pairs
             from fpo_recipes.evaluate.metrics import win_rate

@@ -28,6 +28,7 @@ from typing import Any
 
 from fpo_recipes.cache.fingerprint import cache_fingerprint, tree_digest
 from fpo_recipes.objectives.registry import get_method
+from fpo_recipes.recipe.sae_sources import sae_location
 from fpo_recipes.recipe.schema import Recipe
 
 
@@ -55,7 +56,11 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     d["reference"] = recipe.reference_model.model_dump(mode="json")
     d["reference"]["name_or_path"] = recipe.resolve_input(d["reference"]["name_or_path"])
     if recipe.sae is not None and recipe.sae.path:
-        d["sae"]["path"] = recipe.resolve_input(recipe.sae.path)
+        d["sae"]["path"] = sae_location(recipe)
+    if recipe.sae is not None:
+        # How the SAE is trained is the sae stage's input; the stages after it depend on the
+        # SAE itself (through that stage's rerun, and for precompute its content).
+        d["sae"].pop("train", None)
     for split in ("train", "eval"):
         if d["data"].get(split):
             d["data"][split]["path"] = recipe.resolve_input(d["data"][split]["path"])
@@ -80,6 +85,34 @@ def data_content(recipe: Recipe) -> dict[str, str | None]:
 
 def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: d[k] for k in keys}
+
+
+# --- sae -------------------------------------------------------------------------------------
+def _sae_not_needed(recipe: Recipe) -> str | None:
+    from fpo_recipes.recipe.sae_sources import uses_sae
+    from fpo_recipes.stages.evaluate import FEATURE_METRICS
+
+    sae = recipe.sae
+    if sae is None:
+        return "the recipe has no SAE"
+    if sae.train is None:
+        return f"the SAE is {'pretrained (sae.release)' if sae.release else 'read from sae.path'}, not trained here"
+    if not uses_sae(recipe) and not FEATURE_METRICS & set(recipe.evaluate.metrics):
+        return f"{recipe.objective.method} uses no SAE features and evaluate reads none"
+    return None
+
+
+def _sae_sections(recipe: Recipe) -> dict[str, Any]:
+    from fpo_recipes.stages.sae import training_fingerprint
+
+    # (not min_explained_variance: a bar the trained SAE is held to, which changes no output)
+    return {"sae_training": {str(layer): training_fingerprint(recipe, layer) for layer in recipe.sae.layers}}
+
+
+def _sae_outputs(recipe: Recipe) -> list[Path]:
+    from fpo_recipes.stages.sae import sae_dirs
+
+    return list(sae_dirs(recipe).values())
 
 
 # --- precompute -----------------------------------------------------------------------------
@@ -120,8 +153,17 @@ def _evaluate_sections(recipe: Recipe) -> dict[str, Any]:
 # --- the pipeline, in order ---------------------------------------------------------------
 PIPELINE: tuple[Stage, ...] = (
     Stage(
-        name="precompute",
+        name="sae",
         upstream=(),
+        not_needed=_sae_not_needed,
+        sections=_sae_sections,
+        outputs=_sae_outputs,
+        runner="fpo_recipes.stages.sae:run_stage",
+        help="train the SAE sae.train describes (sae-lens) on the policy's starting model",
+    ),
+    Stage(
+        name="precompute",
+        upstream=("sae",),
         not_needed=_precompute_not_needed,
         sections=_precompute_sections,
         outputs=lambda recipe: [Path(recipe.cache_dir)],
@@ -130,7 +172,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="train",
-        upstream=("precompute",),
+        upstream=("sae", "precompute"),
         not_needed=_always_needed,
         sections=_train_sections,
         outputs=lambda recipe: [Path(recipe.output_dir)],
@@ -139,7 +181,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="evaluate",
-        upstream=("train",),
+        upstream=("sae", "train"),
         not_needed=_always_needed,
         sections=_evaluate_sections,
         outputs=lambda recipe: [Path(recipe.output_dir) / "eval"],

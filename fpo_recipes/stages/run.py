@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fpo_recipes.recipe.sae_sources import uses_sae
 from fpo_recipes.recipe.schema import Recipe
 from fpo_recipes.stages.markers import fingerprint, marker_path, read_marker, write_marker
 from fpo_recipes.stages.registry import PIPELINE, STAGES as _REGISTERED
@@ -98,11 +97,6 @@ def _check_stage_name(name: str | None, flag: str) -> None:
         raise PipelineError(f"{flag} {name!r} is not a stage (stages: {', '.join(STAGES)})")
 
 
-def quickstart_sae_needed(recipe: Recipe) -> bool:
-    """The recipe names a local SAE path that does not exist yet."""
-    return bool(recipe.sae is not None and recipe.sae.path and not Path(recipe.resolve_input(recipe.sae.path)).exists())
-
-
 def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | None = None) -> list[StagePlan]:
     """What `fpo run` will do: one entry per stage (run / reuse / skip, with the reason)."""
     _check_stage_name(from_stage, "--from")
@@ -149,10 +143,8 @@ def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | Non
     return plans
 
 
-def format_plan(recipe: Recipe, plans: list[StagePlan], prestep: bool = False) -> str:
+def format_plan(recipe: Recipe, plans: list[StagePlan]) -> str:
     lines = [f"fpo run {recipe.name} ({recipe.objective.method}); outputs under {recipe.output_dir}"]
-    if prestep:
-        lines.append(f"  quickstart-sae  run     SAE {recipe.resolve_input(recipe.sae.path)} is missing: train the quickstart SAE")
     for p in plans:
         where = f" -> {', '.join(p.outputs)}" if p.outputs and p.action != "skip" else ""
         lines.append(f"  {p.stage:<14}  {p.action:<6}  {p.reason}{where}")
@@ -191,18 +183,11 @@ def run_pipeline(
     runners = {**DEFAULT_RUNNERS, **(runners or {})}
     plans = plan_pipeline(recipe, from_stage=from_stage, only=only)
     to_run = [p for p in plans if p.action == "run"]
-    sae_users = {"precompute", "train", "evaluate"} if uses_sae(recipe) else {"evaluate"}
-    prestep = quickstart_sae_needed(recipe) and any(p.stage in sae_users for p in to_run)
-    echo(format_plan(recipe, plans, prestep=prestep))
+    echo(format_plan(recipe, plans))
     results: dict[str, list[Path]] = {p.stage: [Path(o) for o in p.outputs] for p in plans if p.action == "reuse"}
     finished: list[str] = [p.stage for p in plans if p.action == "reuse"]
-    current = "quickstart-sae"
+    current = to_run[0].stage if to_run else ""
     try:
-        if prestep:
-            from fpo_recipes.quickstart import ensure_quickstart_sae  # heavy: only when the SAE is missing
-
-            echo("[quickstart-sae] training the quickstart SAE")
-            ensure_quickstart_sae(recipe)
         for plan in to_run:
             current = plan.stage
             marker_path(recipe, plan.stage).unlink(missing_ok=True)

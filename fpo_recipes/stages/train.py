@@ -56,7 +56,9 @@ def _resolved_recipe_dict(recipe) -> dict:
         if d.get(section):
             d[section]["name_or_path"] = recipe.resolve_input(d[section]["name_or_path"])
     if d.get("sae") and d["sae"].get("path"):
-        d["sae"]["path"] = recipe.resolve_input(d["sae"]["path"])
+        from fpo_recipes.recipe.sae_sources import sae_location
+
+        d["sae"]["path"] = sae_location(recipe)
     for split in ("train", "eval"):
         if d["data"].get(split):
             d["data"][split]["path"] = recipe.resolve_input(d["data"][split]["path"])
