@@ -25,9 +25,10 @@ def run(
 ) -> None:
     """Run a recipe end to end; stages whose outputs match the recipe are reused.
 
-    Stages, in order: sae (train the SAE sae.train describes), precompute (the offline
-    reference cache), train (Axolotl with the FPO plugin), evaluate. A stage the recipe does
-    not need is skipped; the plan says why."""
+    Stages, in order: sae (train the SAE sae.train describes), precompute
+    (the offline reference cache), train (Axolotl with the FPO plugin),
+    evaluate. A stage the recipe does not need is skipped; the plan says
+    why."""
     from fpo_recipes.cli.evaluate import print_run
     from fpo_recipes.stages import run as pipeline
 

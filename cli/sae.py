@@ -22,9 +22,10 @@ def sae_train(
     starting model at `sae.layer` (`sae.hook`); save it at `sae.path` (default
     <output_dir>/sae) as a sae-lens folder.
 
-    The same stage `fpo run` runs first: reused when its fingerprint matches, resumed from
-    its last checkpoint after an interruption, and failed (nothing handed to precompute)
-    when the SAE explains less variance than `sae.train.min_explained_variance`."""
+    The same stage `fpo run` runs first: reused when its fingerprint
+    matches, resumed from its last checkpoint after an interruption, and
+    failed (nothing handed to precompute) when the SAE explains less
+    variance than `sae.train.min_explained_variance`."""
     from fpo_recipes.cli.common import load_recipe_or_exit
     from fpo_recipes.models import ModelLoadError
     from fpo_recipes.stages.sae import SAETrainingError, read_record, train_saes

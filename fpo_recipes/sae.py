@@ -98,6 +98,9 @@ def load_saes(recipe, device: str | torch.device | None = None) -> dict[int, Any
     device = _device_str(device)
     saes = {}
     for layer, source in sae_sources(recipe).items():
+        if "path" in source and recipe.sae.train is not None and not Path(source["path"]).exists():
+            raise SAECompatError(f"sae.path: {source['path']} does not exist yet: the recipe trains its SAE "
+                                 "(hint: `fpo sae train RECIPE`, or `fpo run RECIPE`, which trains it first)")
         if "path" in source:
             saes[layer] = load_sae_from_path(source["path"], device=device, hook_name=f"blocks.{layer}.hook_{recipe.sae.hook}")
         else:
