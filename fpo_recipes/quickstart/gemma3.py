@@ -260,7 +260,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAUL
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_hf_tokenizer(read_gguf_vocab(gguf_path))
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=getattr(torch, dtype))
+    from fpo_recipes.compat import gguf_dense_load_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=getattr(torch, dtype), **gguf_dense_load_kwargs()
+    )
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
