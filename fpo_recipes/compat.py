@@ -1,6 +1,6 @@
 """Where the supported library stacks differ, in one place.
 
-Two stacks are tested (constraints/py311.txt and constraints/py312.txt): the oldest,
+Two stacks are tested (constraints/oldest.txt and constraints/newest.txt): the oldest,
 Python 3.11 with Axolotl 0.19.0 (transformers 5.16.1, TRL 1.9.0, datasets 4.8.4), and the
 newest, Python 3.12/3.13 with Axolotl 0.21.0 (transformers 5.20.1, TRL 1.14.1, datasets
 5.0.1). Every difference our code depends on is listed here; code elsewhere calls the
