@@ -14,6 +14,15 @@ so a release in between behaves like whichever side it resembles.
 - Axolotl >= 0.21 keeps a plugin's instance across ``load_cfg`` calls in one process
   (0.19 made a new one per config), so plugin state set for one run must be reset when the
   next config registers it: ``FPOPlugin.register`` does so (no version branch needed).
+- TRL 1.14's ``DPOTrainer._compute_loss`` also reads ``use_liger_kernel`` and ``_tp_size``;
+  only the peer cross-check in tests/test_objectives_trl.py calls it (its stand-in sets both).
+
+Read in both stacks' sources and found the same: the plugin hooks we implement and their
+signatures (``load_datasets``, ``get_trainer_cls``, ``get_collator_cls_and_kwargs``,
+``post_trainer_create``, ``post_train``), ``Trainer.log``/``compute_loss``/
+``_remove_unused_columns``, ``AxolotlTrainer.store_metrics``, TRL's ``prepare_deepspeed``/
+``prepare_fsdp``, Axolotl auto-enabling its Triton LoRA kernels, and Axolotl's trainer
+importing triton even on a CPU (hence triton in pyproject's dependencies).
 """
 
 from __future__ import annotations
