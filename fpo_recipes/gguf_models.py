@@ -67,7 +67,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAUL
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_gguf_tokenizer(gguf_path, chat_template=chat_template)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=getattr(torch, dtype))
+    from fpo_recipes.compat import gguf_dense_load_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=getattr(torch, dtype), **gguf_dense_load_kwargs()
+    )
     for config in (model.config, model.generation_config):
         if config is not None:
             config.bos_token_id = tokenizer.bos_token_id

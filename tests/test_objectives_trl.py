@@ -1,6 +1,6 @@
-"""Peer cross-checks against the installed TRL (1.9): DPO sigmoid loss and CPO/SimPO loss.
+"""Peer cross-checks against the installed TRL (1.9 to 1.14): DPO sigmoid loss and CPO/SimPO loss.
 
-TRL 1.9 has no standalone DPO loss function: ``DPOTrainer._compute_loss(model, inputs,
+TRL (since 1.9) has no standalone DPO loss function: ``DPOTrainer._compute_loss(model, inputs,
 return_outputs)`` runs the model, computes per-sequence log-probs with
 ``trl.trainer.utils.selective_log_softmax`` and applies the loss. We call it as an unbound
 method on a minimal stand-in object carrying exactly the attributes it reads, with a stand-in
@@ -79,6 +79,8 @@ def _trl_dpo_loss(beta, logits, input_ids, completion, attention, ref_c, ref_r):
         model=types.SimpleNamespace(training=True),
         accelerator=_Accelerator(),
         aux_loss_enabled=False,
+        use_liger_kernel=False,  # this and _tp_size: read by TRL >= 1.14
+        _tp_size=1,
         precompute_ref_logps=True,
         ld_alpha=None,
         f_divergence_type="reverse_kl",

@@ -90,16 +90,63 @@ def test_wheel_installs_into_a_fresh_venv(wheel, tmp_path):
     assert str(env_dir) in imported.stdout, "the wheel's copy, not the source tree, must be imported"
 
 
-def _readme_commands() -> list[str]:
+def _readme_section(title: str) -> str:
     text = (REPO / "README.md").read_text()
-    return re.findall(r"```(?:bash|sh)\n(.*?)\n```", text, flags=re.S)
+    match = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def _commands(section: str) -> list[str]:
+    return re.findall(r"```(?:bash|sh)\n(.*?)\n```", section, flags=re.S)
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():
-    commands = _readme_commands()
+    commands = _commands(_readme_section("Set-up"))
     assert len(commands) == 2, commands
     main_job, tests = commands
     assert "fpo run recipes/quickstart.yaml" in main_job
-    assert "pytest" in tests and "pip install torch==2.13.0" in tests
-    ci = (REPO / ".ci" / "run").read_text()
-    assert tests in ci, ".ci/run must call the README's test command verbatim"
+    assert "pytest" in tests
+    for command in (main_job, tests):  # the oldest stack, exactly as CI tests it
+        assert "-c constraints/oldest.txt" in command and "--no-deps -c constraints/oldest.txt axolotl" in command
+    ci = REPO / ".ci" / "run"
+    assert tests in ci.read_text(), ".ci/run must call the README's test command verbatim"
+    printed = subprocess.run(["bash", str(ci), "--print"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert printed[0] == tests and len(printed) == 3  # py311 verbatim, then py312 and py313
+    for line, (python, constraints) in zip(printed[1:], [("3.12", "newest"), ("3.13", "newest")]):
+        assert line.startswith(f"python{python} -m venv .venv{python.replace('.', '')} ")
+        assert f"-c constraints/{constraints}.txt" in line and "constraints/oldest.txt" not in line
+
+
+def test_constraints_pin_every_dependency_but_leave_torch_to_the_user():
+    """Ranges in pyproject.toml, exact versions in the lane files; torch and its CUDA
+    libraries are never pinned there (a CUDA user's torch must stay)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"]:
+        exact = [s for s in Requirement(spec).specifier if s.operator in ("==", "===")]
+        assert not exact, f"{spec}: a range, not an exact pin, in [project].dependencies"
+    names = {Requirement(spec).name.lower().replace("_", "-") for spec in project["dependencies"]}
+    for lane in ("oldest", "newest"):
+        pins = {}
+        for line in (REPO / "constraints" / f"{lane}.txt").read_text().splitlines():
+            if line and not line.startswith("#"):
+                req = Requirement(line)
+                assert str(req.specifier).startswith("=="), f"constraints/{lane}.txt: {line} is not an exact pin"
+                pins[req.name.lower().replace("_", "-")] = req
+        coupled = {n for n in pins if n in ("torch", "triton") or n.startswith(("nvidia-", "cuda-"))}
+        assert not coupled, f"constraints/{lane}.txt pins {sorted(coupled)}: leave torch and its CUDA libraries to torch"
+        unpinned = names - {"torch", "triton"} - pins.keys()
+        assert "axolotl" in pins and not unpinned, f"constraints/{lane}.txt lacks {sorted(unpinned)}"
+        extras = [spec for group in project["optional-dependencies"].values() for spec in group]
+        for spec in project["dependencies"] + extras:  # each pinned version lies in its declared range
+            req = Requirement(spec)
+            if req.name == project["name"]:
+                continue
+            pinned = pins.get(req.name.lower().replace("_", "-"))
+            if pinned is not None:
+                version = str(pinned.specifier).removeprefix("==")
+                assert req.specifier.contains(version), f"constraints/{lane}.txt: {pinned} is outside {spec}"

@@ -108,6 +108,19 @@ def test_plugin_refuses_rl_and_sample_packing():
         FPOPlugin().register({"sample_packing": True})
 
 
+def test_one_plugin_instance_serves_each_new_config(write_recipe):
+    """Axolotl >= 0.21 keeps the plugin instance across load_cfg calls in one process: a new
+    config's register() must make the plugin read that config's recipe, not the last run's."""
+    from fpo_recipes.axolotl_config import build_axolotl_config
+    from fpo_recipes.plugins.fpo import FPOPlugin
+
+    plugin = FPOPlugin()
+    for name, beta in (("first.yaml", 0.1), ("second.yaml", 0.3)):
+        cfg = build_axolotl_config(load_and_check(write_recipe(name, objective={"beta": beta})))
+        plugin.register(cfg)
+        assert plugin.recipe(cfg).objective.beta == beta
+
+
 def test_recipe_without_a_file_exports_a_snapshot(tmp_path, tiny_model_dir, tiny_sae_dir, pairs_file):
     from conftest import tiny_recipe_dict
     from fpo_recipes.axolotl import recipe_for_axolotl_cfg

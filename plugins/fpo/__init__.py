@@ -11,7 +11,7 @@ The recipe it trains is synthesized from the Axolotl config itself (``base_model
 from ``fpo_recipe: path/to/recipe.yaml`` when the YAML names one (as ``fpo train`` /
 ``fpo export-axolotl`` write it); see ``fpo_recipes.axolotl``.
 
-How it hooks in (Axolotl 0.19), all on Axolotl's ordinary causal-LM path (no ``rl:`` —
+How it hooks in (Axolotl 0.19 to 0.21), all on Axolotl's ordinary causal-LM path (no ``rl:`` —
 that path would load a reference model we do not want for fpo/dpo/simpo and would build
 the trainer without the model):
 
@@ -63,6 +63,9 @@ class FPOPlugin(BasePlugin):
 
     def register(self, cfg: dict):
         """Refuse settings that would route around the plugin, before Axolotl loads anything."""
+        # a new config: forget the last run's recipe and trainer (Axolotl >= 0.21 reuses the
+        # plugin instance across configs in one process; see fpo_recipes.compat)
+        self._recipe, self._trainer = None, None
         if cfg.get("rl"):
             raise ValueError(
                 f"rl: {cfg.get('rl')}: the FPO plugin trains every method (fpo_method) through its own trainer; "
@@ -81,7 +84,7 @@ class FPOPlugin(BasePlugin):
             import torch
 
             if not torch.cuda.is_available():
-                # Axolotl 0.19 auto-enables its Triton LoRA kernels even without a GPU, which
+                # Axolotl (0.19-0.21) auto-enables its Triton LoRA kernels even without a GPU, which
                 # then fail on CPU; an explicit value in the YAML still wins.
                 for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel"):
                     if cfg.get(key) is None:
