@@ -111,7 +111,7 @@ def test_plugin_refuses_rl_and_sample_packing():
 def test_one_plugin_instance_serves_each_new_config(write_recipe):
     """Axolotl >= 0.21 keeps the plugin instance across load_cfg calls in one process: a new
     config's register() must make the plugin read that config's recipe, not the last run's."""
-    from fpo_recipes.axolotl_config import build_axolotl_config
+    from fpo_recipes.axolotl import build_axolotl_config
     from fpo_recipes.plugins.fpo import FPOPlugin
 
     plugin = FPOPlugin()
