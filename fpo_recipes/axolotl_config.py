@@ -53,8 +53,11 @@ FPO_KEYS = (
     "fpo_beta",
     "fpo_alpha",
     "fpo_gamma",
+    "fpo_gamma_beta_ratio",
     "fpo_k",
     "fpo_pooling",
+    "fpo_feature_set",
+    "fpo_normalisation",
     "fpo_stop_gradient",
     "fpo_sae_release",
     "fpo_sae_id",
@@ -77,6 +80,9 @@ FPO_KEYS = (
     "fpo_reference_revision",
     "fpo_reference_dtype",
 )
+# recipe objective fields, each mirrored by fpo_<field>
+OBJECTIVE_FIELDS = ("method", "beta", "alpha", "gamma", "gamma_beta_ratio", "k", "pooling", "feature_set",
+                    "normalisation", "stop_gradient")
 # fpo_* keys read by the plugin itself, not recipe fields
 PLUGIN_KEYS = ("fpo_recipe", "fpo_logprob_chunk_size", "fpo_full_logits")
 ALL_FPO_KEYS = PLUGIN_KEYS + FPO_KEYS  # everything plugins/fpo/args.py declares
@@ -111,8 +117,11 @@ def recipe_fpo_fields(recipe) -> dict[str, Any]:
         "fpo_beta": o.beta,
         "fpo_alpha": o.alpha,
         "fpo_gamma": o.gamma,
+        "fpo_gamma_beta_ratio": o.gamma_beta_ratio,
         "fpo_k": o.k,
         "fpo_pooling": o.pooling,
+        "fpo_feature_set": o.feature_set,
+        "fpo_normalisation": o.normalisation,
         "fpo_stop_gradient": o.stop_gradient,
         "fpo_sae_release": sae.release if sae else None,
         "fpo_sae_id": sae.id if sae else None,
@@ -374,7 +383,7 @@ def recipe_for_axolotl_cfg(cfg):
 def _apply_fpo_keys(data: dict[str, Any], values: dict[str, Any]) -> None:
     """Write ``fpo_*`` values into a recipe dict (the inverse of ``recipe_fpo_fields``)."""
     obj = data.setdefault("objective", {})
-    for key in ("method", "beta", "alpha", "gamma", "k", "pooling", "stop_gradient"):
+    for key in OBJECTIVE_FIELDS:
         if f"fpo_{key}" in values:
             obj[key] = values[f"fpo_{key}"]
     sae_keys = {"fpo_sae_release", "fpo_sae_id", "fpo_sae_path", "fpo_sae_layers", "fpo_sae_hook"}
@@ -463,7 +472,7 @@ _FIELD_KEYS = {
     "sae.layer": "fpo_sae_layers",
     "sae.hook": "fpo_sae_hook",
     "objective": "fpo_method",
-    **{f"objective.{f}": f"fpo_{f}" for f in ("method", "beta", "alpha", "gamma", "k", "pooling", "stop_gradient")},
+    **{f"objective.{f}": f"fpo_{f}" for f in OBJECTIVE_FIELDS},
     "constraints": "fpo_constraints",
     "data": "datasets",
     "data.train": "datasets",

@@ -6,7 +6,10 @@ norm), so we hook modules instead of reading ``output_hidden_states``:
 
 - ``resid_post``: a forward hook on decoder layer L (its output);
 - ``mlp_out``: a forward hook on the MLP's output as added to the residual — for Gemma the
-  ``post_feedforward_layernorm`` output, otherwise the ``mlp`` module's output.
+  ``post_feedforward_layernorm`` output, otherwise the ``mlp`` module's output;
+- ``final_norm``: a forward hook on the model's final norm (after the last decoder layer):
+  HF's ``hidden_states[-1]``, which is what the FPO authors' code feeds its SAE. Only the last
+  layer has it.
 
 Works through peft wrappers (layers are found by shape, not by attribute path) and under
 gradient checkpointing: the layer's checkpointed call is wrapped so the captured tensor is
@@ -22,9 +25,10 @@ import torch
 from torch import nn
 
 from fpo_recipes.models import text_config
-from fpo_recipes.sae import SAECompatError, layer_depth_problem
+from fpo_recipes.sae import SAECompatError, final_norm_layer_problem, layer_depth_problem
 
-HOOKS = ("resid_post", "mlp_out")
+HOOKS = ("resid_post", "mlp_out", "final_norm")
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm")
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -56,11 +60,26 @@ def hook_module(model: nn.Module, layer: int, hook: str) -> nn.Module:
     block = layers[layer]
     if hook == "resid_post":
         return block
+    if hook == "final_norm":
+        return final_norm_module(model, layer)
     # Gemma 2/3 normalise the MLP output before adding it to the residual stream.
     for name in ("post_feedforward_layernorm", "mlp", "feed_forward", "block_sparse_moe"):
         if hasattr(block, name):
             return getattr(block, name)
     raise ValueError(f"sae.hook: mlp_out is not supported for {type(block).__name__} (no MLP module found)")
+
+
+def final_norm_module(model: nn.Module, layer: int) -> nn.Module:
+    """The norm applied to the last decoder layer's output (a sibling of the layer list)."""
+    layers = find_decoder_layers(model)
+    problem = final_norm_layer_problem(layer, len(layers))
+    if problem:
+        raise SAECompatError(f"sae.layer: {problem}")
+    parent = next(m for m in model.modules() if any(child is layers for child in m.children()))
+    for name in _FINAL_NORM_NAMES:
+        if isinstance(getattr(parent, name, None), nn.Module):
+            return getattr(parent, name)
+    raise ValueError(f"sae.hook: final_norm is not supported for {type(parent).__name__} (no final norm module found)")
 
 
 def first_tensor(output) -> torch.Tensor:
@@ -95,6 +114,8 @@ def capture_hidden(model: nn.Module, layers: list[int], hook: str = "resid_post"
                     captured[_layer] = first_tensor(output)
 
             handles.append(module.register_forward_hook(_hook))
+            if hook == "final_norm":
+                continue  # outside every checkpointed layer: the hook's tensor carries the graph
             block = find_decoder_layers(model)[layer]
             ckpt = block.__dict__.get("_gradient_checkpointing_func")
             if ckpt is not None:
