@@ -39,8 +39,9 @@ from fpo_recipes.models import lm_head_is_plain, lm_head_parts
 class PreferenceObjective:
     """Loss of one method on a collated batch (see the module docstring).
 
-    - ``config``: the ObjectiveConfig (method, β, α, γ, k, pooling, stop-gradient).
-    - ``saes``: layer → frozen sae-lens SAE (fpo only); ``hook``: resid_post | mlp_out.
+    - ``config``: the ObjectiveConfig (method, β, α, γ, k, pooling, feature set, normalisation,
+      stop-gradient).
+    - ``saes``: layer → frozen sae-lens SAE (fpo only); ``hook``: resid_post | mlp_out | final_norm.
     - ``targeted``: feature id → weight w_i, sorted ids = the cache's target-value order.
     - ``ref_model``: frozen online reference (tdpo1, tdpo2, simpo_kl only).
     - ``full_logits``: read log-probs from the forward's logits (FSDP/ZeRO-3/LoRA'd head).
