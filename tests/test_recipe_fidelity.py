@@ -145,3 +145,13 @@ def test_readme_table_matches_the_shipped_recipes(size):
     sae_row = next(r for r in rows if _claimed(r["recipe field"]) == ["sae.id"])
     assert paper["sae"]["id"] in sae_row["our default (gemma2-*-fpo.yaml)"]
     assert released["sae"]["id"] in sae_row["gemma2-*-fpo-released.yaml"]
+
+
+def test_policy_feature_set_warns_below_four_times_k(write_recipe):
+    small = load_and_check(write_recipe("small.yaml", objective={"feature_set": "policy", "k": 4},
+                                        precompute={"k_cache": 15}))
+    assert small.warnings == ["precompute.k_cache: 15 with feature_set: policy may miss reference values at the "
+                              "policy's top-4 (hint: k_cache >= 16; training logs the missing fraction as missing_ref_features)"]
+    assert load_and_check(write_recipe("enough.yaml", objective={"feature_set": "policy", "k": 4},
+                                       precompute={"k_cache": 16})).warnings == []
+    assert load_and_check(write_recipe("union.yaml", precompute={"k_cache": 4})).warnings == []
