@@ -39,8 +39,10 @@ def _summary(recipe: Recipe) -> str:
         knobs.append(f"alpha={o.alpha}")
     if o.gamma is not None:
         knobs.append(f"gamma={o.gamma}")
+    if o.gamma_beta_ratio is not None:
+        knobs.append(f"gamma_beta_ratio={o.gamma_beta_ratio} (margin {o.target_margin:g})")
     if uses_sae(recipe):
-        knobs.append(f"k={o.k} ({o.pooling})")
+        knobs.append(f"k={o.k} ({o.pooling} pooling, {o.feature_set} set, {o.normalisation} normalisation)")
     parts.append(" ".join(knobs))
     t = recipe.train
     parts.append(f"lr {t.learning_rate:g} x batch {t.batch_size}, {t.optimizer}")

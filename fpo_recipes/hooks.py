@@ -11,6 +11,9 @@ norm), so we hook modules instead of reading ``output_hidden_states``:
   (:data:`MLP_OUT_MODULE`): Gemma 2/3 normalise the MLP output before adding it (the
   ``post_feedforward_layernorm`` output), Llama, Mistral and Qwen 2/3 add the ``mlp``
   output itself. Other families fall back to the first of those modules the layer has.
+- ``final_norm``: a forward hook on the model's final norm (after the last decoder layer):
+  HF's ``hidden_states[-1]``, which is what the FPO authors' code feeds its SAE. Only the last
+  layer has it.
 
 Works through peft wrappers (layers are found by shape, not by attribute path) and under
 gradient checkpointing: the layer's checkpointed call is wrapped so the captured tensor is
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from fpo_recipes.models import text_config
-from fpo_recipes.sae import SAECompatError, layer_depth_problem
+from fpo_recipes.sae import SAECompatError, final_norm_layer_problem, layer_depth_problem
 
 # model_type (of the text config) -> the decoder-layer submodule whose output is mlp_out
 MLP_OUT_MODULE = {
@@ -38,13 +41,15 @@ MLP_OUT_MODULE = {
     "gemma3_text": "post_feedforward_layernorm",
 }
 _MLP_OUT_FALLBACK = ("post_feedforward_layernorm", "mlp", "feed_forward", "block_sparse_moe")
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm")
 
 
-def _resid_post(model: nn.Module, block: nn.Module) -> nn.Module:
-    return block
+def _resid_post(model: nn.Module, layer: int) -> nn.Module:
+    return find_decoder_layers(model)[layer]
 
 
-def _mlp_out(model: nn.Module, block: nn.Module) -> nn.Module:
+def _mlp_out(model: nn.Module, layer: int) -> nn.Module:
+    block = find_decoder_layers(model)[layer]
     config = getattr(model, "config", None)
     family = getattr(text_config(config), "model_type", None) if config is not None else None
     names = (MLP_OUT_MODULE[family],) if family in MLP_OUT_MODULE else _MLP_OUT_FALLBACK
@@ -52,11 +57,6 @@ def _mlp_out(model: nn.Module, block: nn.Module) -> nn.Module:
         if hasattr(block, name):
             return getattr(block, name)
     raise ValueError(f"sae.hook: mlp_out is not supported for {type(block).__name__} (no {' / '.join(names)} module)")
-
-
-# hook point -> the module (given the model and decoder layer L) whose output it is
-HOOK_POINTS = {"resid_post": _resid_post, "mlp_out": _mlp_out}
-HOOKS = tuple(HOOK_POINTS)
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -85,7 +85,25 @@ def hook_module(model: nn.Module, layer: int, hook: str) -> nn.Module:
     problem = layer_depth_problem(layer, len(layers))
     if problem:
         raise SAECompatError(f"sae.layer: {problem}")
-    return HOOK_POINTS[hook](model, layers[layer])
+    return HOOK_POINTS[hook](model, layer)
+
+
+def final_norm_module(model: nn.Module, layer: int) -> nn.Module:
+    """The norm applied to the last decoder layer's output (a sibling of the layer list)."""
+    layers = find_decoder_layers(model)
+    problem = final_norm_layer_problem(layer, len(layers))
+    if problem:
+        raise SAECompatError(f"sae.layer: {problem}")
+    parent = next(m for m in model.modules() if any(child is layers for child in m.children()))
+    for name in _FINAL_NORM_NAMES:
+        if isinstance(getattr(parent, name, None), nn.Module):
+            return getattr(parent, name)
+    raise ValueError(f"sae.hook: final_norm is not supported for {type(parent).__name__} (no final norm module found)")
+
+
+# hook point -> the module (given the model and layer index L) whose output it is
+HOOK_POINTS = {"resid_post": _resid_post, "mlp_out": _mlp_out, "final_norm": final_norm_module}
+HOOKS = tuple(HOOK_POINTS)
 
 
 def first_tensor(output) -> torch.Tensor:
@@ -120,6 +138,8 @@ def capture_hidden(model: nn.Module, layers: list[int], hook: str = "resid_post"
                     captured[_layer] = first_tensor(output)
 
             handles.append(module.register_forward_hook(_hook))
+            if hook == "final_norm":
+                continue  # outside every checkpointed layer: the hook's tensor carries the graph
             block = find_decoder_layers(model)[layer]
             ckpt = block.__dict__.get("_gradient_checkpointing_func")
             if ckpt is not None:

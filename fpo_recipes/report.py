@@ -18,6 +18,9 @@ METRIC_COLUMNS: dict[str, tuple[str, str]] = {
     "feature_mse_rejected": ("Feature MSE rejected", "-"),
     "feature_divergence_chosen": ("D top-k chosen", "-"),
     "feature_divergence_rejected": ("D top-k rejected", "-"),
+    "constraint_share": ("Constraint share of |u|", ""),
+    "abs_constraint": ("|constraint|", ""),
+    "abs_preference": ("|LPD − margin|", ""),
     "entropy": ("Entropy H", "+"),
     "unigram_entropy": ("Unigram entropy", "+"),
     "distinct_2": ("Distinct-2", "+"),
@@ -109,7 +112,10 @@ def render_report(result: Mapping) -> str:
               "- **Acc (likelihood)**: the same with the length-normalised log-likelihood alone (meaningful for both rows).",
               "- **SeqKL**: Σ_t KL(πref ‖ πθ) over response tokens (paper Fig. 3).",
               "- **Feature MSE**: mean over all SAE features of (pooled trained − pooled reference)² (paper Fig. 4); "
-              "**D top-k**: the FPO divergence on the top-k union with the constraint weights.",
+              "**D top-k**: the FPO divergence D (the objective's feature set and normalisation, constraint weights).",
+              "- **Constraint share of |u|**: mean |constraint| / (mean |constraint| + mean |LPD − margin|) over the "
+              "held-out pairs, u = LPD − margin − constraint as in training; near 1 the constraint, not the preference, "
+              "drives the loss.",
               "- **Entropy H**: mean per-token predictive entropy (nats) of the model along its own sampled generations.",
               ""]
     per_layer = result.get("per_layer") or {}

@@ -25,6 +25,7 @@ SAE_DTYPE = torch.float32
 
 from fpo_recipes.recipe.sae_sources import (  # noqa: F401  (re-exported: the SAE side of the same checks)
     SAECompatError,
+    final_norm_layer_problem,
     layer_depth_problem,
     sae_sources,
     sae_width_problems,
@@ -110,13 +111,16 @@ def load_saes(recipe, device: str | torch.device | None = None) -> dict[int, Any
 
 # --- checks ----------------------------------------------------------------------------
 
-def check_layers(model_config, layers: list[int]) -> None:
-    """Every layer exists in the model; raises naming ``sae.layer``."""
+def check_layers(model_config, layers: list[int], hook: str | None = None) -> None:
+    """Every layer exists in the model (and is the last one for ``hook: final_norm``);
+    raises naming ``sae.layer``."""
     from fpo_recipes.models import model_num_layers
 
     depth = model_num_layers(model_config)
     for layer in layers:
         problem = layer_depth_problem(layer, depth)
+        if problem is None and hook == "final_norm":
+            problem = final_norm_layer_problem(layer, depth)
         if problem:
             raise SAECompatError(f"sae.layer: {problem}")
 
@@ -129,7 +133,7 @@ def check_sae_compat(saes: dict[int, Any], model_config, layers: list[int], hook
     that says which hook it was trained on (sae-lens metadata) agrees with the recipe."""
     from fpo_recipes.models import model_hidden_size
 
-    check_layers(model_config, layers)
+    check_layers(model_config, layers, hook)
     hidden = model_hidden_size(model_config)
     for layer in layers:
         if layer not in saes:
@@ -146,7 +150,10 @@ def check_sae_compat(saes: dict[int, Any], model_config, layers: list[int], hook
         if match:
             if int(match.group(1)) != layer:
                 raise SAECompatError(f"sae.layer: {layer} but the SAE was trained on {hook_name} (hint: sae.layer: {match.group(1)})")
-            if hook is not None and match.group(2) != hook:
+            # final_norm feeds a residual SAE of the last layer the normalised stream (as the FPO
+            # authors' code does): that SAE's own hook is resid_post.
+            trained_on = "resid_post" if hook == "final_norm" else hook
+            if hook is not None and match.group(2) != trained_on:
                 raise SAECompatError(f"sae.hook: {hook} but the SAE was trained on {hook_name} (hint: sae.hook: {match.group(2)})")
 
 
@@ -161,11 +168,13 @@ def check_feature_ids(saes: dict[int, Any], feature_ids: list[int], k_cache: int
 
 # --- encoding --------------------------------------------------------------------------
 
-def encode_pooled(saes: dict[int, Any], hidden: dict[int, torch.Tensor], response_mask: torch.Tensor, pooling: str) -> dict[int, torch.Tensor]:
+def encode_pooled(saes: dict[int, Any], hidden: dict[int, torch.Tensor], response_mask: torch.Tensor, pooling: str,
+                  padded_lengths: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Per layer, SAE codes pooled over response tokens: ``[B, d_sae]`` float32.
 
     Hidden states are cast to float32 before encoding; BOS, prompt and padding positions
-    are excluded by ``response_mask`` (they fire features hugely)."""
+    are excluded by ``response_mask`` (they fire features hugely). ``padded_lengths`` [B]: the
+    pair's padded length T, needed by ``padded_mean`` (``objectives.pair_padded_lengths``)."""
     from fpo_recipes.objectives import pool_activations
 
     pooled = {}
@@ -173,11 +182,13 @@ def encode_pooled(saes: dict[int, Any], hidden: dict[int, torch.Tensor], respons
         h = hidden[layer]
         param = next(sae.parameters())
         mask = response_mask.to(param.device)
+        lengths = padded_lengths.to(param.device) if padded_lengths is not None else None
         B, T = h.shape[:2]
         # Codes are [rows, T, d_sae] float32: encode a few rows at a time (<= 2^28 values, 1 GiB).
         step = max(1, (1 << 28) // max(1, T * int(sae.cfg.d_sae)))
         parts = [
-            pool_activations(sae.encode(h[i: i + step].to(device=param.device, dtype=SAE_DTYPE)), mask[i: i + step], pooling)
+            pool_activations(sae.encode(h[i: i + step].to(device=param.device, dtype=SAE_DTYPE)), mask[i: i + step], pooling,
+                             None if lengths is None else lengths[i: i + step])
             for i in range(0, B, step)
         ]
         pooled[layer] = parts[0] if len(parts) == 1 else torch.cat(parts)

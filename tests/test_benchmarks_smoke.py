@@ -38,3 +38,15 @@ def test_benchmarks_print_ratio_tables(capsys, tmp_path):
     assert "| bare no-grad forward (floor) |" in out and "| precompute (compute_shard + write_shard) |" in out
     assert "÷ floor" in out and "bytes/pair" in out
     assert "precompute tokens/s / bare forward tokens/s" in out
+
+
+def test_fidelity_data_reads_the_complete_records_of_a_cut_off_array():
+    """The ShareGPT package's JSON array ends mid-record: only whole records are read."""
+    fidelity_data = _load("fidelity_data")
+    whole = '{"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "an answer"}]}'
+    text = f'[\n  {whole},\n  {{"id": "b", "conversations": [{{"from": "human", "val'
+    records = list(fidelity_data.complete_records(text))
+    assert [r["id"] for r in records] == ["a"]
+    assert fidelity_data.first_exchange(records[0]) == ("q", "an answer")
+    assert fidelity_data.first_exchange({"conversations": [{"from": "gpt", "value": "x"}]}) is None
+    assert [r["id"] for r in fidelity_data.complete_records(f"[{whole}, {whole}]")] == ["a", "a"]

@@ -1,4 +1,7 @@
-"""Pooling, top-k union, per-feature weights and missing reference values of FPO's D(x, y)."""
+"""Pooling, top-k union, per-feature weights and missing reference values of FPO's D(x, y).
+
+These examples use Eq. 10's 1/k normalisation (normalisation="k"); the other modes have their
+own worked examples in test_objectives_fidelity.py."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def _inputs(requires_grad=False):
 
 def test_union_and_missing_reference_values():
     policy, idx, val = _inputs()
-    out = feature_divergence(policy, idx, val, k=2)
+    out = feature_divergence(policy, idx, val, k=2, normalisation="k")
     # row 0: I = {1, 4} ∪ {4, 3} = {1, 3, 4}; c̄ref,1 is not stored -> 0 (missing)
     #   D = 1/2 · [(5 − 0)² + (1 − 2)² + (4 − 6)²] = (25 + 1 + 4)/2 = 15
     # row 1: I = {0, 6} ∪ {2, 6} = {0, 2, 6}; c̄ref,0 missing -> 0
@@ -48,7 +51,7 @@ def test_stored_values_beyond_k_are_used_not_missing():
     # Row 0's policy top-2 is {1, 7} here: feature 7 is not in the reference's top-2 but is in
     # its stored top-3 (value 1.5), so it is known, not missing.
     policy = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0, 0.0]], dtype=F64)
-    out = feature_divergence(policy, torch.tensor([REF_IDX[0]]), torch.tensor([REF_VAL[0]], dtype=F64), k=2)
+    out = feature_divergence(policy, torch.tensor([REF_IDX[0]]), torch.tensor([REF_VAL[0]], dtype=F64), k=2, normalisation="k")
     # I = {1, 7} ∪ {4, 3} = {1, 3, 4, 7}; missing: feature 1 only
     # D = 1/2 · [(5 − 0)² + (0 − 2)² + (0 − 6)² + (4 − 1.5)²] = (25 + 4 + 36 + 6.25)/2 = 35.625
     assert out.d.item() == pytest.approx(35.625, abs=1e-12)
@@ -59,7 +62,7 @@ def test_stored_values_beyond_k_are_used_not_missing():
 def test_targeted_features_always_included_weighted_and_never_missing():
     policy, idx, val = _inputs(requires_grad=True)
     out = feature_divergence(
-        policy, idx, val, k=2,
+        policy, idx, val, k=2, normalisation="k",
         targeted_indices=torch.tensor([7, 9]),
         targeted_weights=torch.tensor([2.0, 0.0], dtype=F64),
         targeted_ref_values=torch.tensor([[1.5, 0.3], [0.2, 0.7]], dtype=F64),
@@ -84,7 +87,7 @@ def test_targeted_features_always_included_weighted_and_never_missing():
 def test_targeted_weight_overrides_a_topk_feature():
     policy, idx, val = _inputs()
     out = feature_divergence(
-        policy, idx, val, k=2,
+        policy, idx, val, k=2, normalisation="k",
         targeted_indices=torch.tensor([4]),
         targeted_weights=torch.tensor([3.0], dtype=F64),
         targeted_ref_values=torch.tensor([[6.0], [0.0]], dtype=F64),
@@ -100,7 +103,7 @@ def test_all_union_features_weight_zero_gives_zero():
     policy, idx, val = _inputs(requires_grad=True)
     union = torch.tensor([0, 1, 2, 3, 4, 6])  # every feature in either row's union
     out = feature_divergence(
-        policy, idx, val, k=2,
+        policy, idx, val, k=2, normalisation="k",
         targeted_indices=union,
         targeted_weights=torch.zeros(6, dtype=F64),
         targeted_ref_values=torch.full((2, 6), 9.0, dtype=F64),
@@ -139,7 +142,7 @@ def test_sparse_topk_roundtrip_matches_dense_reference():
     policy = torch.rand(3, 50, generator=g, dtype=F64)
     idx, val = sparse_topk(ref, 50)  # k_cache = F: nothing can be missing
     assert (val[:, :-1] >= val[:, 1:]).all()
-    out = feature_divergence(policy, idx, val, k=5)
+    out = feature_divergence(policy, idx, val, k=5, normalisation="k")
     union = torch.zeros(3, 50, dtype=torch.bool)
     union.scatter_(1, policy.topk(5).indices, True)
     union.scatter_(1, ref.topk(5).indices, True)

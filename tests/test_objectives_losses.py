@@ -84,6 +84,18 @@ EXPECTED = {
     "fpo": (dict(beta=0.1, alpha=0.5), [0.1 - (-0.22 + 13 / 70) - 0.05, -0.1 - (-0.3 + 1 / 3) - 0.01]),
 }
 
+# Scale of u's two parts, by hand from EXPECTED: mean |LPD − margin| and mean |constraint|.
+SCALE = {
+    # p = DPO's u = [0.9, −0.4]; c = β·(SeqKL_l − SeqKL_w) = [0.1·1.0, 0.1·0.2]
+    "tdpo1": ((0.9 + 0.4) / 2, (0.1 + 0.02) / 2),
+    # c = α·β·(SeqKL_l − SeqKL_w) = [0.05, 0.01]
+    "tdpo2": ((0.9 + 0.4) / 2, (0.05 + 0.01) / 2),
+    # p = SimPO's u = [1.5, −2.5]; c = 0.5·2·(1.5 − 0.5), 0.5·2·(0.4 − 0.2) = [1.0, 0.2]
+    "simpo_kl": ((1.5 + 2.5) / 2, (1.0 + 0.2) / 2),
+    # p = LPD − γ_refLN = [0.1 + 0.22 − 13/70, −0.1 + 0.3 − 1/3]; c = [0.05, 0.01]
+    "fpo": ((abs(0.1 + 0.22 - 13 / 70) + abs(-0.1 + 0.3 - 1 / 3)) / 2, (0.05 + 0.01) / 2),
+}
+
 # Implicit rewards (chosen, rejected) per pair, by hand.
 REWARDS = {
     # β·(logπθ − logπref)
@@ -120,9 +132,13 @@ def test_hand_computed_loss_and_metrics(method):
 
     keys = {"lpd", "margin", "constraint", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
     if get_method(method).constraint != "none":
-        keys |= {"divergence/chosen", "divergence/rejected"}
+        keys |= {"divergence/chosen", "divergence/rejected", "scale/preference", "scale/constraint", "scale/constraint_share"}
         assert m["divergence/chosen"].item() == pytest.approx(0.35)
         assert m["divergence/rejected"].item() == pytest.approx(0.95)
+        abs_p, abs_c = SCALE[method]
+        assert m["scale/preference"].item() == pytest.approx(abs_p, abs=1e-12)
+        assert m["scale/constraint"].item() == pytest.approx(abs_c, abs=1e-12)
+        assert m["scale/constraint_share"].item() == pytest.approx(abs_c / (abs_c + abs_p), abs=1e-12)
     assert set(m) == keys
     assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
 
@@ -299,12 +315,20 @@ def test_registry_matches_spec_table():
 def test_config_defaults_and_validation():
     cfg = ObjectiveConfig("fpo", beta=0.1)
     # the recipe schema reads these same defaults (tests/test_recipe_validate.py checks they agree)
-    assert (cfg.alpha, cfg.gamma, cfg.k, cfg.pooling, cfg.stop_gradient) == (0.5, 0.0, 64, "sum", True)
+    assert (cfg.alpha, cfg.gamma, cfg.gamma_beta_ratio, cfg.k, cfg.pooling, cfg.feature_set, cfg.normalisation,
+            cfg.stop_gradient) == (0.5, None, None, 50, "mean", "union", "mean", True)
+    assert cfg.target_margin == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.beta = 1.0  # type: ignore[misc]
     with pytest.raises(ValueError, match="valid methods"):
         ObjectiveConfig("orpo", beta=0.1)
     with pytest.raises(ValueError, match="pooling"):
         ObjectiveConfig("fpo", beta=0.1, pooling="max")
+    with pytest.raises(ValueError, match="feature_set"):
+        ObjectiveConfig("fpo", beta=0.1, feature_set="reference")
+    with pytest.raises(ValueError, match="normalisation"):
+        ObjectiveConfig("fpo", beta=0.1, normalisation="sum")
+    with pytest.raises(ValueError, match="not both"):
+        ObjectiveConfig("simpo", beta=2.0, gamma=0.5, gamma_beta_ratio=0.25)
     with pytest.raises(ValueError, match="beta"):
         ObjectiveConfig("dpo", beta=0.0)

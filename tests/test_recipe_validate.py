@@ -113,7 +113,9 @@ def test_method_specific_rules(tmp_path):
         f"{tdpo1}:12: objective.alpha: tdpo1's constraint is not weighted by alpha (hint: remove alpha; it applies to tdpo2, simpo_kl and fpo)"
     ]
     simpo = write(tmp_path, BASE.replace("  method: fpo", "  method: simpo").replace("  alpha: 0.5\n", ""))
-    assert errors_of(simpo) == [f"{simpo}:9: objective.gamma: simpo needs gamma, the constant target margin (hint: the paper uses gamma: 0.5)"]
+    assert errors_of(simpo) == [f"{simpo}:9: objective.gamma: simpo needs its target margin, as gamma (absolute, u = LPD − gamma) "
+                                "or gamma_beta_ratio (margin = gamma_beta_ratio · beta) (hint: the paper's text uses gamma: 0.5; "
+                                "the authors' code uses gamma_beta_ratio: 0.5)"]
     no_sae = "\n".join(line for line in BASE.splitlines() if not line.startswith(("sae:", "  release", "  id:", "  layer"))) + "\n"
     no_sae_path = write(tmp_path, no_sae)
     assert errors_of(no_sae_path) == [f"{no_sae_path}:6: objective.method: fpo needs an `sae:` section (hint: release + id or path, and layer)"]
@@ -293,7 +295,8 @@ def test_objective_defaults_are_objective_configs(tmp_path):
 
     bare = BASE.replace("  beta: 0.1\n  alpha: 0.5\n  k: 64\n", "")
     r = load_recipe(write(tmp_path, bare))
-    assert (r.objective.alpha, r.objective.k, r.objective.pooling, r.objective.stop_gradient) == (0.5, 64, "sum", True)
+    o = r.objective
+    assert (o.alpha, o.k, o.pooling, o.feature_set, o.normalisation, o.stop_gradient) == (0.5, 50, "mean", "union", "mean", True)
     assert r.objective_config() == ObjectiveConfig("fpo", beta=0.1)
 
 
@@ -309,7 +312,7 @@ def test_plain_axolotl_config_without_fpo_alpha_gets_the_same_default():
         "fpo_sae_id": "layer_25/width_16k/canonical", "fpo_sae_layers": [25],
     }  # fmt: skip
     r = recipe_for_axolotl_cfg(cfg)
-    assert (r.objective.alpha, r.objective.pooling, r.objective_config().alpha) == (0.5, "sum", 0.5)
+    assert (r.objective.alpha, r.objective.pooling, r.objective_config().alpha) == (0.5, "mean", 0.5)
 
 
 # ------------------------------------------------------------- every problem, one run

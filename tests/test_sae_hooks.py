@@ -113,3 +113,51 @@ def test_mlp_out_under_reentrant_checkpointing_is_refused(tiny_model_dir):
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(RuntimeError, match="use_reentrant"), capture_hidden(m, [1], "mlp_out"):
         m(IDS, attention_mask=MASK, use_cache=False)
+
+
+# --- final_norm: HF's hidden_states[-1], what the FPO authors' code feeds its SAE -------------
+def test_final_norm_hook_is_hidden_states_last_entry(model):
+    last = model.config.num_hidden_layers - 1
+    assert hook_module(model, last, "final_norm") is model.model.norm
+    with torch.no_grad(), capture_hidden(model, [last], "final_norm") as cap:
+        out = model(IDS, attention_mask=MASK, output_hidden_states=True)
+    torch.testing.assert_close(cap[last], out.hidden_states[-1])
+
+
+def test_final_norm_is_only_after_the_last_layer(model):
+    from fpo_recipes.sae import SAECompatError
+
+    with pytest.raises(SAECompatError, match=r"^sae\.layer: 1 with hook final_norm, but the final norm follows the last layer \(2\) only"):
+        hook_module(model, 1, "final_norm")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_final_norm_keeps_graph_under_gradient_checkpointing(tiny_model_dir, reentrant):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    m.train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    with capture_hidden(m, [2], "final_norm") as cap:
+        m(IDS, attention_mask=MASK, use_cache=False)
+        assert cap[2].requires_grad
+        cap[2].float().pow(2).sum().backward()
+    assert m.model.layers[2].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert m.model.norm.weight.grad.abs().sum() > 0  # the norm itself is on the path
+
+
+def test_final_norm_accepts_the_last_layers_residual_sae(tiny_model_dir, tiny_sae_dir):
+    """The released code applies a residual SAE of the last layer to the normalised stream: an
+    SAE whose metadata says blocks.2.hook_resid_post fits final_norm at layer 2, and no other hook."""
+    from transformers import AutoConfig
+
+    from fpo_recipes.sae import SAECompatError, check_sae_compat
+
+    sae = load_sae_from_path(tiny_sae_dir)
+    sae.cfg.metadata.hook_name = "blocks.2.hook_resid_post"
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    check_sae_compat({2: sae}, config, [2], hook="final_norm")
+    with pytest.raises(SAECompatError, match="sae.hook: mlp_out but the SAE was trained on blocks.2.hook_resid_post"):
+        check_sae_compat({2: sae}, config, [2], hook="mlp_out")
+    with pytest.raises(SAECompatError, match="sae.layer: 1 with hook final_norm"):
+        check_sae_compat({1: sae}, config, [1], hook="final_norm")

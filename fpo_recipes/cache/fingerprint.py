@@ -4,9 +4,13 @@ Keys are named after recipe fields so a mismatch reads as "data.max_length: 64 i
 cache, 32 in the recipe". Local files are fingerprinted by content only (a sampled sha256
 that survives copies and moved folders but notices re-training or re-export); hub names
 by name + revision.
-Inputs that do not change the cached values are left out on purpose: beta, alpha, k
-(k <= k_cache reuses the cache) and constraint weights (only the targeted ids matter), and
-the whole ``sae`` section for methods that do not use SAE features (DPO, SimPO, TDPO).
+Inputs that do not change the cached values are left out on purpose: beta, alpha, gamma, k
+(k <= k_cache reuses the cache), objective.feature_set and objective.normalisation (they
+choose, at train time, which cached values D reads and how it averages them) and constraint
+weights (only the targeted ids matter), and the whole ``sae`` section for methods that do not
+use SAE features (DPO, SimPO, TDPO). objective.pooling and sae.hook are in: they change every
+cached SAE value (``padded_mean`` divides by each pair's own padded length, so its values do
+not depend on precompute's batching either).
 """
 
 from __future__ import annotations

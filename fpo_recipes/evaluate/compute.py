@@ -66,7 +66,9 @@ def _forward(model, batch, layers, hook, saes, pooling):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     pooled = {}
     if saes:
-        pooled = encode_pooled(saes, hidden, batch["response_mask"], pooling)
+        from fpo_recipes.objectives import pair_padded_lengths
+
+        pooled = encode_pooled(saes, hidden, batch["response_mask"], pooling, pair_padded_lengths(batch["attention_mask"]))
         pooled = {int(layer): t.detach().float().cpu() for layer, t in pooled.items()}
     return logits, pooled
 
@@ -123,11 +125,15 @@ def pair_statistics(
     )
 
 
-def pair_metrics(stats: PairStats, method_spec, beta: float, k: int, targeted: Mapping[int, float] | None = None) -> dict:
+def pair_metrics(stats: PairStats, config, targeted: Mapping[int, float] | None = None) -> dict:
     """The pair-level metrics for the trained model and the reference (baseline) row.
 
-    ``method_spec`` is the objective registry entry (its ``length_normalised`` and whether
-    its margin is reference-relative decide the implicit reward, as in training)."""
+    ``config`` is the run's ``ObjectiveConfig``: its method's ``length_normalised`` and whether
+    its margin is reference-relative decide the implicit reward, as in training; ``k``,
+    ``feature_set`` and ``normalisation`` define D; and u = LPD − margin − constraint is split
+    into its two parts (``constraint_share``) exactly as the training log does, with D from the
+    dense reference codes (no cache, nothing missing)."""
+    method_spec, beta, k = config.spec, float(config.beta), int(config.k)
     ln = bool(method_spec.length_normalised)
     uses_ref = method_spec.needs_reference_logps
     c, r = stats.chosen, stats.rejected
@@ -157,18 +163,18 @@ def pair_metrics(stats: PairStats, method_spec, beta: float, k: int, targeted: M
     per_layer: dict[int, dict] = {}
     per_pair = {"seq_kl_chosen": c(stats.seq_kl).tolist(), "seq_kl_rejected": r(stats.seq_kl).tolist()}
     if stats.policy_pooled:
-        mse_c, mse_r, div_c, div_r = [], [], [], []
+        mse_c, mse_r, div_c, div_r, div_all = [], [], [], [], []
         for layer in sorted(stats.policy_pooled):
             pol, ref = stats.policy_pooled[layer], stats.ref_pooled[layer]
             mse = M.feature_mse(pol, ref).double()
-            div = M.topk_feature_divergence(pol, ref, k, targeted).double()
+            div = M.topk_feature_divergence(pol, ref, k, targeted, config.feature_set, config.normalisation).double()
             per_layer[layer] = {
                 "feature_mse_chosen": float(c(mse).mean()),
                 "feature_mse_rejected": float(r(mse).mean()),
                 "feature_divergence_chosen": float(c(div).mean()),
                 "feature_divergence_rejected": float(r(div).mean()),
             }
-            mse_c.append(c(mse)), mse_r.append(r(mse)), div_c.append(c(div)), div_r.append(r(div))
+            mse_c.append(c(mse)), mse_r.append(r(mse)), div_c.append(c(div)), div_r.append(r(div)), div_all.append(div)
         mc, mr = torch.stack(mse_c).mean(0), torch.stack(mse_r).mean(0)
         dc, dr = torch.stack(div_c).mean(0), torch.stack(div_r).mean(0)
         trained.update(
@@ -180,7 +186,33 @@ def pair_metrics(stats: PairStats, method_spec, beta: float, k: int, targeted: M
         reference.update(feature_mse_chosen=0.0, feature_mse_rejected=0.0, feature_divergence_chosen=0.0, feature_divergence_rejected=0.0)
         sem.update(feature_mse_chosen=M.mean_and_sem(mc)[1], feature_mse_rejected=M.mean_and_sem(mr)[1])
         per_pair.update(feature_mse_chosen=mc.tolist(), feature_mse_rejected=mr.tolist())
+    trained.update(_u_scale(stats, config, torch.stack(div_all).sum(0) if stats.policy_pooled else None))
+    if "constraint_share" in trained:
+        reference.update(constraint_share=0.0, abs_constraint=0.0)  # the reference's own constraint is 0
     return {"trained": trained, "reference": reference, "sem": sem, "per_layer": per_layer, "per_pair": per_pair}
+
+
+def _u_scale(stats: PairStats, config, feature_divergence: torch.Tensor | None) -> dict[str, float]:
+    """``constraint_share``, ``abs_constraint``, ``abs_preference`` of the trained model's u on
+    these pairs (methods with a constraint; the objective's own u, see objectives.losses)."""
+    from fpo_recipes.objectives import PreferenceBatch, compute_objective
+
+    spec = config.spec
+    if spec.constraint == "none":
+        return {}
+    divergence = feature_divergence if spec.constraint == "feature" else stats.seq_kl
+    if divergence is None:
+        return {}  # fpo without SAE codes (feature metrics not requested)
+    c, r = stats.chosen, stats.rejected
+    out = compute_objective(config, PreferenceBatch(
+        policy_chosen_logps=c(stats.policy_logps), policy_rejected_logps=r(stats.policy_logps),
+        chosen_lengths=c(stats.lengths), rejected_lengths=r(stats.lengths),
+        ref_chosen_logps=c(stats.ref_logps), ref_rejected_logps=r(stats.ref_logps),
+        chosen_divergence=c(divergence).double(), rejected_divergence=r(divergence).double(),
+    ))  # fmt: skip
+    m = out.metrics
+    return {"constraint_share": float(m["scale/constraint_share"]), "abs_constraint": float(m["scale/constraint"]),
+            "abs_preference": float(m["scale/preference"])}
 
 
 def targeted_shifts(stats: PairStats, targeted: Mapping[int, float]) -> dict[int, dict]:

@@ -70,22 +70,30 @@ def topk_feature_divergence(
     ref_pooled: torch.Tensor,
     k: int,
     weights: Mapping[int, float] | None = None,
+    feature_set: str = "union",
+    normalisation: str = "k",
 ) -> torch.Tensor:
-    """The FPO divergence D = 1/k * sum_{i in topk(pol) U topk(ref) U targeted} w_i (diff_i)^2, [B].
+    """The FPO divergence D = 1/n * sum_{i in I} w_i (diff_i)^2, [B], from dense pooled codes.
 
-    Written out here (not imported) so the evaluation is an independent check of training.
+    I = topk(pol) ∪ topk(ref) ∪ targeted (``feature_set="union"``) or topk(pol) ∪ targeted
+    (``"policy"``); n = |I| (``normalisation="mean"``) or k (``"k"``). Written out here (not
+    imported) so the evaluation is an independent check of training.
     """
+    if feature_set not in ("union", "policy") or normalisation not in ("mean", "k"):
+        raise ValueError(f"feature_set union|policy and normalisation mean|k, got {feature_set!r}, {normalisation!r}")
     pol, ref = policy_pooled.float(), ref_pooled.float()
     k = min(k, pol.shape[-1])
     index = torch.zeros_like(pol, dtype=torch.bool)
     index.scatter_(-1, pol.topk(k, dim=-1).indices, True)
-    index.scatter_(-1, ref.topk(k, dim=-1).indices, True)
+    if feature_set == "union":
+        index.scatter_(-1, ref.topk(k, dim=-1).indices, True)
     w = torch.ones(pol.shape[-1], dtype=pol.dtype, device=pol.device)
     for fid, weight in (weights or {}).items():
         w[int(fid)] = float(weight)
         index[:, int(fid)] = True
     diff = pol - ref
-    return (index.float() * w * diff * diff).sum(-1) / k
+    n = index.sum(-1).float() if normalisation == "mean" else float(k)
+    return (index.float() * w * diff * diff).sum(-1) / n
 
 
 def feature_shift(

@@ -10,10 +10,13 @@ import importlib
 # name -> submodule. Loaded on first use (PEP 562): the recipe schema reads the registry and
 # the defaults in `fpo validate`, which must not pay for importing torch.
 _EXPORTS = {
+    "FEATURE_SETS": "config",
+    "NORMALISATIONS": "config",
     "POOLING_MODES": "config",
     "ObjectiveConfig": "config",
     "FeatureDivergence": "features",
     "feature_divergence": "features",
+    "pair_padded_lengths": "features",
     "pool_activations": "features",
     "sparse_topk": "features",
     "DEFAULT_CHUNK_SIZE": "logprobs",
@@ -26,6 +29,7 @@ _EXPORTS = {
     "ObjectiveOutput": "losses",
     "PreferenceBatch": "losses",
     "compute_objective": "losses",
+    "constraint_scale": "losses",
     "METHODS": "registry",
     "MethodSpec": "registry",
     "get_method": "registry",

@@ -5,13 +5,22 @@ Per pair (x, y_w, y_l), with r(y) = β·logπθ(y) (or β/|y|·logπθ(y) when l
     LPD        = r(y_w) − r(y_l)
     margin     = reference:    β·(logπref(y_w) − logπref(y_l))                       (dpo, tdpo1, tdpo2)
                  reference_ln: β/|y_w|·logπref(y_w) − β/|y_l|·logπref(y_l) = γ_refLN  (fpo)
-                 gamma:        γ                                                       (simpo, simpo_kl)
+                 gamma:        γ (absolute; or gamma_beta_ratio · β)                  (simpo, simpo_kl)
     constraint = seqkl_tdpo1:  β·(SeqKL(y_l) − SeqKL(y_w))                             (tdpo1)
                  seqkl_tdpo2:  α·(β·SeqKL(y_l) − sg(β·SeqKL(y_w)))                      (tdpo2, simpo_kl)
                  feature:      α·(β·D(y_l) − sg(β·D(y_w)))                              (fpo)
     loss       = mean over pairs of −log σ(LPD − margin − constraint)
 
 sg(·) (stop-gradient) is applied only when ``cfg.stop_gradient`` is true.
+
+The scale of the two parts of u is logged so that a constraint which drowns the preference
+shows (``scale/*`` metrics): with p = LPD − margin and c = constraint per pair,
+
+    scale/preference  = mean |p|
+    scale/constraint  = mean |c|
+    scale/constraint_share = mean |c| / (mean |c| + mean |p|)     (0 when both are 0)
+
+A share near 1 means −log σ(u) is driven by the constraint, not by the preference.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import torch.nn.functional as F
 from .config import ObjectiveConfig
 from .registry import MethodSpec
 
-__all__ = ["ObjectiveOutput", "PreferenceBatch", "compute_objective"]
+__all__ = ["ObjectiveOutput", "PreferenceBatch", "compute_objective", "constraint_scale"]
 
 
 @dataclass
@@ -52,7 +61,8 @@ class ObjectiveOutput:
 
     Metric keys: ``lpd``, ``margin``, ``constraint``, ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/margins``, ``rewards/accuracies`` and, for methods with a constraint,
-    ``divergence/chosen``, ``divergence/rejected`` (means over the batch).
+    ``divergence/chosen``, ``divergence/rejected`` (means over the batch) and
+    ``scale/preference``, ``scale/constraint``, ``scale/constraint_share`` (module docstring).
     """
 
     loss: torch.Tensor
@@ -80,6 +90,17 @@ def _as_float(t: torch.Tensor, name: str, shape: torch.Size) -> torch.Tensor:
         raise ValueError(f"{name} must have shape {tuple(shape)} like policy_chosen_logps, got {tuple(t.shape)}")
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     return t.to(dtype)
+
+
+def constraint_scale(preference: torch.Tensor, constraint: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``scale/preference`` = mean |p|, ``scale/constraint`` = mean |c| and
+    ``scale/constraint_share`` = mean |c| / (mean |c| + mean |p|) (0 when both are 0), for
+    p = LPD − margin and c = the constraint, both [B] (u = p − c). Detached scalars."""
+    p = preference.detach().abs().mean()
+    c = constraint.detach().abs().mean()
+    total = p + c
+    share = torch.where(total > 0, c / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
+    return {"scale/preference": p, "scale/constraint": c, "scale/constraint_share": share}
 
 
 def compute_objective(cfg: ObjectiveConfig, batch: PreferenceBatch) -> ObjectiveOutput:
@@ -118,7 +139,7 @@ def compute_objective(cfg: ObjectiveConfig, batch: PreferenceBatch) -> Objective
     elif spec.margin == "reference_ln":
         margin = beta * ref_w / len_w - beta * ref_l / len_l
     else:  # gamma
-        margin = torch.full_like(lpd, float(cfg.gamma)).detach()
+        margin = torch.full_like(lpd, cfg.target_margin).detach()
 
     # constraint
     div_w = div_l = None
@@ -161,6 +182,7 @@ def compute_objective(cfg: ObjectiveConfig, batch: PreferenceBatch) -> Objective
         if div_w is not None:
             metrics["divergence/chosen"] = div_w.mean()
             metrics["divergence/rejected"] = div_l.mean()
+            metrics.update(constraint_scale(lpd - margin, constraint))
         metrics = {key: value.detach() for key, value in metrics.items()}
 
     return ObjectiveOutput(loss=loss, losses=losses, metrics=metrics)

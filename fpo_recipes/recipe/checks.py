@@ -8,7 +8,14 @@ from pathlib import Path
 
 from fpo_recipes.recipe.features_file import read_features_file
 from fpo_recipes.recipe.loader import RecipeIssue, origin_of
-from fpo_recipes.recipe.sae_sources import SAECompatError, layer_depth_problem, sae_sources, sae_width_problems, uses_sae
+from fpo_recipes.recipe.sae_sources import (
+    SAECompatError,
+    final_norm_layer_problem,
+    layer_depth_problem,
+    sae_sources,
+    sae_width_problems,
+    uses_sae,
+)
 from fpo_recipes.recipe.schema import Recipe
 from fpo_recipes.recipe.shapes import SAEShape, ShapeFileError, model_shape, sae_shape_from_path, sae_shape_from_release
 
@@ -103,7 +110,9 @@ def _check_sae_shapes(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIs
             issues.append(_issue(recipe, ("model", "name_or_path"),
                 f"{exc} (hint: the model folder needs the Hugging Face config.json it was saved with)"))
     if model is not None:
-        problems = (layer_depth_problem(layer, model.num_layers) for layer in sae.layers)
+        problems = [layer_depth_problem(layer, model.num_layers) for layer in sae.layers]
+        if sae.hook == "final_norm" and not any(problems):
+            problems = [final_norm_layer_problem(layer, model.num_layers) for layer in sae.layers]
         issues += [_issue(recipe, ("sae", "layer"), problem) for problem in problems if problem]
     try:
         sources = sae_sources(recipe)

@@ -18,6 +18,10 @@ from fpo_recipes.recipe.schema import Recipe, methods_where
 Loc = tuple[str | int, ...]
 
 
+# With feature_set: policy, k_cache >= 4k kept the missing-reference fraction <= 1 % (benchmarks/README.md).
+POLICY_K_CACHE_PER_K = 4
+
+
 @dataclass(frozen=True)
 class RecipeIssue:
     file: str
@@ -244,6 +248,13 @@ def parse_recipe(path: str | Path) -> tuple[Recipe, frozenset[str], list[RecipeI
     if not issues and recipe.sae is not None and not uses_sae(recipe):
         recipe._warnings.append(
             f"sae is ignored for objective.method {recipe.objective.method} (only {methods_where('needs_sae')} uses SAE features)"
+        )
+    if not issues and uses_sae(recipe) and recipe.objective.feature_set == "policy" \
+            and recipe.precompute.k_cache < POLICY_K_CACHE_PER_K * recipe.objective.k:
+        o, k_cache = recipe.objective, recipe.precompute.k_cache
+        recipe._warnings.append(
+            f"precompute.k_cache: {k_cache} with feature_set: policy may miss reference values at the policy's top-{o.k} "
+            f"(hint: k_cache >= {POLICY_K_CACHE_PER_K * o.k}; training logs the missing fraction as missing_ref_features)"
         )
     return recipe, unparsed, issues
 

@@ -77,6 +77,15 @@ def layer_depth_problem(layer: int, depth: int) -> str | None:
             f"(hint: pick a layer below {depth}, with an SAE trained on it)")
 
 
+def final_norm_layer_problem(layer: int, depth: int) -> str | None:
+    """Why ``sae.hook: final_norm`` cannot sit at ``layer`` of a ``depth``-layer model (None if
+    it can): the final norm follows the last decoder layer only."""
+    if layer == depth - 1:
+        return None
+    return (f"{layer} with hook final_norm, but the final norm follows the last layer ({depth - 1}) only "
+            f"(hint: layer: {depth - 1}, or hook: resid_post for an inner layer)")
+
+
 def sae_width_problems(width: int, feature_ids, k_cache: int | None = None, k: int | None = None) -> list[tuple[str, str]]:
     """(recipe field, message) for each of ``k``, ``k_cache`` and the targeted feature ids that
     does not fit an SAE of ``width`` features."""

@@ -12,7 +12,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from fpo_recipes.objectives.config import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_POOLING, DEFAULT_STOP_GRADIENT, POOLING_MODES
+from fpo_recipes.objectives.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_FEATURE_SET,
+    DEFAULT_K,
+    DEFAULT_NORMALISATION,
+    DEFAULT_POOLING,
+    DEFAULT_STOP_GRADIENT,
+    FEATURE_SETS,
+    NORMALISATIONS,
+    POOLING_MODES,
+)
 from fpo_recipes.objectives.registry import METHODS
 from fpo_recipes.recipe.sae_sources import k_past_width
 
@@ -22,7 +32,12 @@ SCHEMA_VERSION = 1
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 Dtype = Literal["float32", "bfloat16", "float16"]
 Pooling = Literal[POOLING_MODES]  # type: ignore[valid-type]
-SAEHook = Literal["resid_post", "mlp_out"]
+FeatureSet = Literal[FEATURE_SETS]  # type: ignore[valid-type]
+Normalisation = Literal[NORMALISATIONS]  # type: ignore[valid-type]
+# resid_post: the decoder layer's output (what residual SAEs are trained on); mlp_out: the MLP's
+# output as added to the residual; final_norm: the last layer's output after the model's final
+# norm, i.e. HF's hidden_states[-1] (what the FPO authors' code feeds its SAE).
+SAEHook = Literal["resid_post", "mlp_out", "final_norm"]
 DataFormat = Literal["columns", "conversation"]
 OPTIMIZERS = (
     "adamw_torch",
@@ -148,7 +163,11 @@ class SAESpec(Section):
     path: str | None = Field(
         None, description="local sae-lens directory or Gemma Scope params.npz; with train: where the SAE is saved (default <output_dir>/sae)")
     layer: int | list[int]
-    hook: SAEHook = "resid_post"
+    hook: SAEHook = Field(
+        "resid_post",
+        description="resid_post (decoder-layer output), mlp_out, or final_norm (after the final norm: "
+        "hidden_states[-1]; layer must then be the last layer)",
+    )
     width: int | None = Field(None, ge=1, description="SAE width if known; checked against objective.k")
     train: SAETrainSpec | None = Field(None, description="train this SAE in the sae stage instead of loading one")
 
@@ -163,6 +182,13 @@ class SAESpec(Section):
         if len(set(layers)) != len(layers):
             raise ValueError("a layer is listed twice (hint: list each layer once)")
         return v
+
+    @model_validator(mode="after")
+    def _final_norm_one_layer(self) -> SAESpec:
+        if self.hook == "final_norm" and len(self.layers) != 1:
+            raise ValueError("layer: hook final_norm is one point, after the last layer's final norm "
+                             "(hint: give the last layer alone, e.g. layer: 25 for Gemma-2-2B)")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> SAESpec:
@@ -193,15 +219,33 @@ class SAESpec(Section):
 
 
 class ObjectiveSpec(Section):
-    # alpha, k, pooling and stop_gradient default to ObjectiveConfig's values, so the two agree.
+    # alpha, k, pooling, feature_set, normalisation and stop_gradient default to
+    # ObjectiveConfig's values, so the two agree.
     method: Method
     beta: float = Field(0.1, gt=0)
     alpha: float | None = Field(
         None, ge=0, description=f"constraint weight; defaults to {DEFAULT_ALPHA} for methods whose constraint it weighs"
     )
-    gamma: float | None = None
-    k: int = Field(DEFAULT_K, ge=1, description="features per sequence in the top-k union")
-    pooling: Pooling = DEFAULT_POOLING
+    gamma: float | None = Field(None, description="simpo, simpo_kl: the absolute target margin γ in u = LPD − γ")
+    gamma_beta_ratio: float | None = Field(
+        None,
+        description="simpo, simpo_kl: the margin divided by β, as SimPO's and the FPO authors' code write it "
+        "(u = β·(Δ − gamma_beta_ratio), Δ = the average log-prob difference); margin = gamma_beta_ratio · beta",
+    )
+    k: int = Field(DEFAULT_K, ge=1, description="fpo: features per sequence taken from each top-k")
+    pooling: Pooling = Field(
+        DEFAULT_POOLING,
+        description="fpo: SAE codes over response tokens: mean (paper text), sum (Eq. 10), "
+        "padded_mean (released code: sum / (T − 1), T = the pair's padded length)",
+    )
+    feature_set: FeatureSet = Field(
+        DEFAULT_FEATURE_SET,
+        description="fpo: union = topk(policy) ∪ topk(reference) (Eq. 10); policy = topk(policy) only (released code)",
+    )
+    normalisation: Normalisation = Field(
+        DEFAULT_NORMALISATION,
+        description="fpo: mean = MSE over the selected features (paper text, released code); k = 1/k · sum (Eq. 10)",
+    )
     stop_gradient: bool = DEFAULT_STOP_GRADIENT
 
     @model_validator(mode="before")
@@ -218,15 +262,30 @@ class ObjectiveSpec(Section):
     @model_validator(mode="after")
     def _method_rules(self) -> ObjectiveSpec:
         spec = METHODS[self.method]
-        if self.gamma is not None and not spec.uses_gamma:
-            raise ValueError(f"gamma: applies only to {methods_where('uses_gamma')}, not {self.method} (hint: remove gamma)")
-        if spec.uses_gamma and self.gamma is None:
-            raise ValueError(f"gamma: {self.method} needs gamma, the constant target margin (hint: the paper uses gamma: 0.5)")
+        for name in ("gamma", "gamma_beta_ratio"):
+            if getattr(self, name) is not None and not spec.uses_gamma:
+                raise ValueError(f"{name}: applies only to {methods_where('uses_gamma')}, not {self.method} (hint: remove {name})")
+        if spec.uses_gamma and self.gamma is None and self.gamma_beta_ratio is None:
+            raise ValueError(
+                f"gamma: {self.method} needs its target margin, as gamma (absolute, u = LPD − gamma) or "
+                "gamma_beta_ratio (margin = gamma_beta_ratio · beta) (hint: the paper's text uses gamma: 0.5; "
+                "the authors' code uses gamma_beta_ratio: 0.5)"
+            )
+        if self.gamma is not None and self.gamma_beta_ratio is not None:
+            raise ValueError("gamma_beta_ratio: give gamma or gamma_beta_ratio, not both "
+                             "(hint: gamma is the absolute margin, gamma_beta_ratio the margin divided by beta)")
         if self.alpha is not None and not spec.uses_alpha:
             problem = (f"weighs a constraint term, which {self.method} does not have" if spec.constraint == "none"
                        else f"{self.method}'s constraint is not weighted by alpha")  # tdpo1: beta*(SeqKL_l - SeqKL_w)
             raise ValueError(f"alpha: {problem} (hint: remove alpha; it applies to {methods_where('uses_alpha')})")
         return self
+
+    @property
+    def target_margin(self) -> float | None:
+        """The absolute margin γ the objective uses (None for methods without one)."""
+        if self.gamma_beta_ratio is not None:
+            return self.gamma_beta_ratio * self.beta
+        return self.gamma
 
 
 class Constraint(Section):

@@ -24,6 +24,7 @@ from fpo_recipes.recipe.schema import Recipe
 
 EVAL_DIRNAME = "eval"
 FEATURE_METRICS = {"feature_mse", "targeted_shift"}
+CONSTRAINT_DOMINATES = 0.5  # constraint share of |u| above which the report warns
 
 
 class EvaluateError(RuntimeError):
@@ -251,7 +252,6 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
 
     from fpo_recipes.evaluate import compute as C
     from fpo_recipes.models import load_reference_model, load_tokenizer
-    from fpo_recipes.objectives import get_method
 
     model_dir, warnings = preflight(recipe, model_dir)
     verifiers = answer_verifiers(recipe)
@@ -282,9 +282,15 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
         layers=recipe.sae.layers if saes else None, hook=recipe.sae.hook if saes else "resid_post",
         pooling=recipe.objective.pooling, device=device,
     )
-    spec = get_method(recipe.objective.method)
-    pm = C.pair_metrics(stats, spec, recipe.objective.beta, recipe.objective.k, targeted or None)
+    pm = C.pair_metrics(stats, recipe.objective_config(), targeted or None)
     trained, reference_row, sem = pm["trained"], pm["reference"], pm["sem"]
+    share = trained.get("constraint_share")
+    if share is not None and share > CONSTRAINT_DOMINATES:
+        warnings.append(
+            f"the constraint is {share:.0%} of |u| on the held-out pairs (|constraint| {trained['abs_constraint']:.3g} "
+            f"against |LPD − margin| {trained['abs_preference']:.3g}): it, not the preference, drives the loss "
+            "(hint: objective.pooling: mean keeps D on one scale; a smaller alpha weakens the constraint)"
+        )
     if "preference_accuracy" not in wanted:
         for row in (trained, reference_row):
             for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy"):

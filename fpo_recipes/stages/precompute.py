@@ -37,16 +37,18 @@ DEFAULT_SHARD_SIZE = 1024  # pairs per shard: the unit of resumption
 
 @torch.no_grad()
 def reference_pass(model, saes: dict[int, Any], batch: dict[str, torch.Tensor], *, hook: str = "resid_post",
-                   pooling: str = "sum", k_cache: int = 0, target_ids: list[int] | None = None) -> dict[str, Any]:
+                   pooling: str = "mean", k_cache: int = 0, target_ids: list[int] | None = None) -> dict[str, Any]:
     """The cached quantities for one collated batch (``[2B, T]``: chosen rows, then rejected).
 
     Returns ``logps`` [2B] float64, ``lengths`` [2B], and per layer ``indices``/``values``
     [2B, k_cache] and ``targets`` [2B, n_targeted]. Log-probs come from the final hidden state
     through the LM head (chunked, never the full [2B, T, V] logits); SAE inputs are captured
-    by forward hooks at the hook point (not ``hidden_states``)."""
+    by forward hooks at the hook point (not ``hidden_states``). ``padded_mean`` pooling divides
+    by the pair's own padded length (``objectives.pair_padded_lengths``), never the batch's, so
+    the cached values do not depend on which pairs were batched together."""
     from fpo_recipes.hooks import capture_hidden
     from fpo_recipes.models import lm_head_parts
-    from fpo_recipes.objectives import response_logprobs_from_hidden, shift_labels, sparse_topk
+    from fpo_recipes.objectives import pair_padded_lengths, response_logprobs_from_hidden, shift_labels, sparse_topk
     from fpo_recipes.sae import encode_pooled
 
     device = next(model.parameters()).device
@@ -62,7 +64,7 @@ def reference_pass(model, saes: dict[int, Any], batch: dict[str, torch.Tensor], 
     logps, lengths = response_logprobs_from_hidden(out.last_hidden_state, weight, labels, softcap=softcap, lm_head_bias=bias)
     result: dict[str, Any] = {"logps": logps.double().cpu(), "lengths": lengths.cpu(), "indices": {}, "values": {}, "targets": {}}
     if layers:
-        pooled = encode_pooled(saes, captured, response_mask, pooling)
+        pooled = encode_pooled(saes, captured, response_mask, pooling, pair_padded_lengths(attention_mask))
         target = torch.tensor(target_ids or [], dtype=torch.long)
         for layer in layers:
             p = pooled[layer].float()
@@ -175,7 +177,7 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
     # 1. Everything that can fail cheaply, before any weights are loaded.
     config = load_model_config(recipe, "reference")
     if layers:
-        check_layers(config, layers)
+        check_layers(config, layers, recipe.sae.hook)
     splits = ["train"] + (["eval"] if has_eval_split(recipe) else [])
     todo = []
     for split in splits:

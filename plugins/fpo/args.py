@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 # The recipe's own value sets: a key accepted here is one the recipe accepts.
-from fpo_recipes.recipe.schema import DataFormat, Dtype, Method, Pooling, SAEHook
+from fpo_recipes.recipe.schema import DataFormat, Dtype, FeatureSet, Method, Normalisation, Pooling, SAEHook
 
 
 class FPOConstraintArgs(BaseModel):
@@ -46,8 +46,17 @@ class FPOArgs(BaseModel):
     fpo_beta: float | None = Field(default=None, gt=0)
     fpo_alpha: float | None = Field(default=None, ge=0)
     fpo_gamma: float | None = None
+    fpo_gamma_beta_ratio: float | None = Field(
+        default=None, json_schema_extra={"description": "SimPO margin as gamma / beta (recipe objective.gamma_beta_ratio)."}
+    )
     fpo_k: int | None = Field(default=None, ge=1)
     fpo_pooling: Pooling | None = None
+    fpo_feature_set: FeatureSet | None = Field(
+        default=None, json_schema_extra={"description": "union (Eq. 10) or policy (the authors' code): whose top-k D compares."}
+    )
+    fpo_normalisation: Normalisation | None = Field(
+        default=None, json_schema_extra={"description": "mean (MSE over the selected features) or k (1/k, Eq. 10)."}
+    )
     fpo_stop_gradient: bool | None = None
     fpo_sae_release: str | None = None
     fpo_sae_id: str | None = None

@@ -26,6 +26,7 @@ from fpo_recipes.objectives import (
     PreferenceBatch,
     compute_objective,
     feature_divergence,
+    pair_padded_lengths,
     response_logprobs_from_hidden,
     response_logprobs_from_logits,
     sequence_kl_from_hidden,
@@ -38,8 +39,9 @@ from fpo_recipes.models import lm_head_is_plain, lm_head_parts
 class PreferenceObjective:
     """Loss of one method on a collated batch (see the module docstring).
 
-    - ``config``: the ObjectiveConfig (method, β, α, γ, k, pooling, stop-gradient).
-    - ``saes``: layer → frozen sae-lens SAE (fpo only); ``hook``: resid_post | mlp_out.
+    - ``config``: the ObjectiveConfig (method, β, α, γ, k, pooling, feature set, normalisation,
+      stop-gradient).
+    - ``saes``: layer → frozen sae-lens SAE (fpo only); ``hook``: resid_post | mlp_out | final_norm.
     - ``targeted``: feature id → weight w_i, sorted ids = the cache's target-value order.
     - ``ref_model``: frozen online reference (tdpo1, tdpo2, simpo_kl only).
     - ``full_logits``: read log-probs from the forward's logits (FSDP/ZeRO-3/LoRA'd head).
@@ -105,14 +107,15 @@ class PreferenceObjective:
             )  # fmt: skip
         return ref_logps, seqkl
 
-    def _feature_divergence(self, captured, batch, response_mask):
+    def _feature_divergence(self, captured, batch, response_mask, attention_mask):
         """D(x, y) per sequence summed over SAE layers, and the missing-reference fraction."""
         from fpo_recipes.sae import encode_pooled
 
         missing_layers = [layer for layer in self.layers if layer not in captured]
         if missing_layers:
             raise RuntimeError(f"no activations captured at SAE layer(s) {missing_layers} ({self.hook})")
-        pooled = encode_pooled(self.saes, captured, response_mask, self.config.pooling)
+        # padded_mean: each pair's own padded length, as the precompute stage used
+        pooled = encode_pooled(self.saes, captured, response_mask, self.config.pooling, pair_padded_lengths(attention_mask))
         indices, values = batch["ref_sae_indices"], batch["ref_sae_values"]
         targets = batch.get("ref_target_values")
         d_total, missing = None, []
@@ -131,7 +134,8 @@ class PreferenceObjective:
                     targeted_weights=self.targeted_weights.to(p.device),
                     targeted_ref_values=targets[:, li].to(p.device),
                 )
-            fd = feature_divergence(p, indices[:, li].to(p.device), values[:, li].to(p.device), self.config.k, **kwargs)
+            fd = feature_divergence(p, indices[:, li].to(p.device), values[:, li].to(p.device), self.config.k,
+                                    feature_set=self.config.feature_set, normalisation=self.config.normalisation, **kwargs)
             d_total = fd.d if d_total is None else d_total + fd.d
             missing.append(fd.missing_fraction)
         return d_total, torch.stack(missing).mean(), pooled
@@ -175,7 +179,7 @@ class PreferenceObjective:
             pref.update(ref_chosen_logps=ref_logps[:n], ref_rejected_logps=ref_logps[n:])
             pref.update(chosen_divergence=seqkl[:n], rejected_divergence=seqkl[n:])
         if self.spec.needs_sae:
-            d, missing, pooled = self._feature_divergence(captured, batch, response_mask)
+            d, missing, pooled = self._feature_divergence(captured, batch, response_mask, attention_mask)
             pref.update(chosen_divergence=d[:n], rejected_divergence=d[n:])
             metrics["missing_ref_features"] = missing.detach()
             extras["pooled"] = pooled
