@@ -44,7 +44,7 @@ def test_final_norm_is_one_point_after_the_last_layer(write_recipe):
 
 
 def test_new_objective_fields_travel_through_the_axolotl_keys(write_recipe):
-    from fpo_recipes.axolotl_config import build_axolotl_config, recipe_for_axolotl_cfg
+    from fpo_recipes.axolotl import build_axolotl_config, recipe_for_axolotl_cfg
 
     recipe = load_and_check(write_recipe(
         sae={"layer": 2, "hook": "final_norm"},
