@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
 import yaml
 
 from fpo_recipes.cli import evaluate, features, precompute, quickstart, run, sae, train
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli.common import DEBUG, load_recipe_or_exit, one_line_errors
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
 from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
 
@@ -20,6 +21,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="On an error, show the full traceback instead of one line (also FPO_DEBUG=1)."),
+) -> None:
+    DEBUG["on"] = debug or os.environ.get("FPO_DEBUG", "") not in ("", "0")
 
 
 def _summary(recipe: Recipe) -> str:
@@ -85,3 +93,5 @@ def schema() -> None:
 # Stage commands live beside the stages they drive; each module adds itself to the app.
 for _module in (sae, precompute, train, evaluate, run, features, quickstart):
     _module.register(app)
+for _command in app.registered_commands:
+    _command.callback = one_line_errors(_command.callback)

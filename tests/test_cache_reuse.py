@@ -143,3 +143,19 @@ def test_cache_dependencies_are_the_cache_fingerprints(make, tmp_path):
 
     recipe = make(tmp_path / "cache")
     assert registry.cache_dependencies(recipe) == {"train": cache_fingerprint(recipe, "train")}
+
+
+def test_a_cache_other_run_folders_trained_on_is_not_rebuilt_by_fpo_run(make, tmp_path):
+    from fpo_recipes import ownership
+
+    first = make(tmp_path / "shared")
+    precompute.run_stage(first, force=False)
+    first.output_dir.mkdir(parents=True, exist_ok=True)
+    ownership.register_cache_user(first)  # what the train stage records
+    sweep_point = make(tmp_path / "shared", objective={"beta": 0.7})  # same cache fingerprint: shares it
+    assert precompute.run_stage(sweep_point, force=False) == first.cache_dir
+    other = make(tmp_path / "shared", data={"max_length": 48})
+    other.train.output_dir = str(tmp_path / "other-run")
+    with pytest.raises(CacheMismatchError, match=r"precompute\.cache_dir .* is shared: .*data\.max_length.*of its own"):
+        precompute.run_stage(other, force=False)
+    open_cache(first)  # untouched

@@ -315,5 +315,19 @@ def run_stage(recipe, force: bool) -> Path:
     """The pipeline's precompute stage (see stages/registry.py): the cache made to match the
     recipe. It checks the cache itself (same definition as `fpo precompute`: the cache
     fingerprint), so a reused cache costs nothing and an interrupted build resumes; a cache
-    of other inputs or a damaged one is rebuilt beside it and then swapped in."""
-    return run_precompute(recipe, force=force, replace=True)
+    of other inputs or a damaged one is rebuilt beside it and then swapped in — unless other
+    run folders trained on it (a shared cache is read-only to `fpo run`)."""
+    from fpo_recipes.cache import CacheMismatchError
+    from fpo_recipes.ownership import other_cache_users
+
+    others = other_cache_users(recipe)
+    try:
+        return run_precompute(recipe, force=force, replace=not others)
+    except CacheMismatchError as exc:
+        if not others:
+            raise
+        changed = ", ".join(exc.changed)
+        raise CacheMismatchError(
+            f"precompute.cache_dir {recipe.cache_dir} is shared: {', '.join(others)} trained on it as it is, and this "
+            f"recipe needs other inputs ({changed}) (hint: give this recipe a precompute.cache_dir of its own, or "
+            "`fpo precompute RECIPE --force` to rebuild the shared cache for it)", exc.changed) from None

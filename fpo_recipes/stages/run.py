@@ -194,11 +194,22 @@ def run_pipeline(
     only: str | None = None,
     runners: dict[str, Runner] | None = None,
     echo: Callable[[str], Any] = print,
+    force: bool = False,
 ) -> dict[str, list[Path]]:
     """Run the stages the plan says to run; return stage -> output paths (run or reused).
 
-    Raises :class:`PipelineInterrupted` on Ctrl-C (finished stages stay reusable) and lets
-    a stage's own error through after reporting which stages finished."""
+    The run folder (and the cache folder) are locked for the whole run and the run folder
+    is claimed for this recipe (:mod:`fpo_recipes.ownership`; ``force`` takes over a folder
+    another recipe owns). Raises :class:`PipelineInterrupted` on Ctrl-C (finished stages stay
+    reusable) and lets a stage's own error through after reporting which stages finished."""
+    from fpo_recipes.ownership import check_owner, run_folder
+
+    check_owner(recipe, force)  # before the lock creates the folder
+    with run_folder(recipe, force, cache=stage_needed(recipe, "precompute")[0]):
+        return _run_locked(recipe, from_stage, only, runners, echo)
+
+
+def _run_locked(recipe, from_stage, only, runners, echo) -> dict[str, list[Path]]:
     runners = {**DEFAULT_RUNNERS, **(runners or {})}
     plans = plan_pipeline(recipe, from_stage=from_stage, only=only)
     to_run = [p for p in plans if p.action == "run"]

@@ -77,8 +77,10 @@ def check_cache(recipe) -> None:
     if not cache_columns(recipe.objective.method):
         return  # simpo / online-reference methods read nothing from the cache
     from fpo_recipes.cache import open_cache
+    from fpo_recipes.ownership import register_cache_user
 
     open_cache(recipe, split="train")  # raises CacheMismatchError naming the differing input
+    register_cache_user(recipe)  # `fpo run` will not rebuild a cache another run folder trains on
 
 
 def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str] | None = None) -> Path:
