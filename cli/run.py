@@ -33,11 +33,13 @@ def run(
     evaluate. A stage the recipe does not need is skipped; the plan says
     why.
 
-    The run folder belongs to the recipe that first wrote it (another recipe is refused
+    Before the first stage it checks what is knowable without compute (precision support,
+    chat template, writable folders, free disk). The run folder belongs to the recipe that first wrote it (another recipe is refused
     unless --force) and is locked while a run writes it (a second run is refused)."""
     from fpo_recipes.cli.evaluate import print_run
     from fpo_recipes.errors import describe_error
     from fpo_recipes.ownership import FolderInUseError, FolderOwnedError, check_owner
+    from fpo_recipes.preflight import PreflightError
     from fpo_recipes.stages import run as pipeline
 
     recipe = load_recipe_or_exit(recipe_file)
@@ -48,7 +50,7 @@ def run(
             typer.echo(pipeline.format_plan(recipe, plans))
             return
         results = pipeline.run_pipeline(recipe, from_stage=from_stage, only=only, echo=typer.echo, force=force)
-    except (FolderOwnedError, FolderInUseError) as exc:
+    except (FolderOwnedError, FolderInUseError, PreflightError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except pipeline.PipelineError as exc:

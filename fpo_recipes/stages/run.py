@@ -203,8 +203,12 @@ def run_pipeline(
     another recipe owns). Raises :class:`PipelineInterrupted` on Ctrl-C (finished stages stay
     reusable) and lets a stage's own error through after reporting which stages finished."""
     from fpo_recipes.ownership import check_owner, run_folder
+    from fpo_recipes.preflight import preflight
 
     check_owner(recipe, force)  # before the lock creates the folder
+    running = {p.stage for p in plan_pipeline(recipe, from_stage=from_stage, only=only) if p.action == "run"}
+    for note in preflight(recipe, running):  # PreflightError: a problem knowable before compute
+        echo(f"preflight: {note}")
     with run_folder(recipe, force, cache=stage_needed(recipe, "precompute")[0]):
         return _run_locked(recipe, from_stage, only, runners, echo)
 

@@ -90,6 +90,11 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
     from fpo_recipes.models import load_model_config
 
     load_model_config(recipe, "model")  # a missing or unloadable model: ModelLoadError, before Axolotl starts
+    if recipe.train.precision == "auto":
+        from fpo_recipes.preflight import resolve_precision
+
+        precision, why = resolve_precision("auto")
+        print(f"[train] precision {precision} ({why})")
     check_cache(recipe)
     yaml_path = export_axolotl_config(recipe)
     output_dir = Path(recipe.output_dir)
