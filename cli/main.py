@@ -60,8 +60,13 @@ def _summary(recipe: Recipe) -> str:
 
 
 @app.command()
-def validate(files: list[Path] = typer.Argument(..., help="Recipe YAML files to check.")) -> None:
-    """Check recipes before spending compute: schema, method rules, and offline shape checks."""
+def validate(
+    files: list[Path] = typer.Argument(..., help="Recipe YAML files to check."),
+    scan_rows: int = typer.Option(
+        50_000, "--scan-rows", min=0, help="Rows of each local data file to check (0: none; every stage checks all rows)."),
+) -> None:
+    """Check recipes before spending compute: schema, method rules, offline shape checks,
+    and the rows of local data files (bad rows by number, duplicates, chosen == rejected)."""
     failed = False
     for path in files:
         try:
@@ -73,6 +78,17 @@ def validate(files: list[Path] = typer.Argument(..., help="Recipe YAML files to 
             continue
         for warning in recipe.warnings:
             typer.echo(f"{path}: warning: {warning}", err=True)
+        if scan_rows:
+            from fpo_recipes.data_checks import scan_data
+
+            errors, notes = scan_data(recipe, scan_rows)
+            for note in notes:
+                typer.echo(f"{path}: {note}", err=True)
+            if errors:
+                failed = True
+                for error in errors:
+                    typer.echo(f"{path}: {error}", err=True)
+                continue
         typer.echo(f"ok {path}: {recipe.name}: {_summary(recipe)}")
     raise typer.Exit(1 if failed else 0)
 

@@ -39,8 +39,10 @@ def quiet_datasets():
 
 # --- loading ---------------------------------------------------------------------------
 
-def load_source(recipe, source, field: str):
-    """A DataSource as a ``datasets.Dataset`` (raw columns), ``limit`` applied."""
+def load_source(recipe, source, field: str, check: bool = True):
+    """A DataSource as a ``datasets.Dataset`` (raw columns), ``limit`` applied; with
+    ``check`` its rows are checked (:mod:`fpo_recipes.data_checks`: a bad row is an error
+    naming it, a pair whose chosen equals rejected is skipped)."""
     import datasets
 
     location = recipe.resolve_input(source.path)
@@ -49,8 +51,16 @@ def load_source(recipe, source, field: str):
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{field}.path: {path} has an unknown extension (expected {', '.join(_FILE_BUILDERS)})")
-        with quiet_datasets():
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{field}.path: {path} is empty (hint: point it at a file of preference pairs)")
+        try:
+            with quiet_datasets():
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as exc:  # noqa: BLE001 - any loader failure: name the file (and the line)
+            from fpo_recipes.data_checks import unreadable_line
+
+            where = unreadable_line(path) or str(exc).strip().splitlines()[-1][:200]
+            raise ValueError(f"{field}.path: {path} cannot be read as {builder}: {where} (hint: fix the file)") from exc
     elif path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
@@ -71,6 +81,12 @@ def load_source(recipe, source, field: str):
             raise ValueError(f"{field}: column {col!r} is not in the data (columns: {', '.join(ds.column_names)})")
     if source.limit is not None:
         ds = ds.select(range(min(source.limit, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"{field}.path: {location} holds no rows (hint: point it at a file of preference pairs)")
+    if check:
+        from fpo_recipes.data_checks import check_rows
+
+        ds = check_rows(ds, source, field, location)
     return ds
 
 

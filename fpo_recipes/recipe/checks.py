@@ -85,7 +85,9 @@ def _check_files(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
         if c.features_file is None:
             continue
         try:
-            read_features_file(recipe.resolve_input(c.features_file))
+            if not read_features_file(recipe.resolve_input(c.features_file)):
+                raise ValueError(f"features_file {c.features_file} lists no feature ids (a constraint on no features "
+                                 "does nothing)")
         except (OSError, ValueError) as exc:
             issues.append(_issue(recipe, ("constraints", i, "features_file"), f"{exc} (hint: run `fpo features discover` to write one)"))
     sources = []
