@@ -146,14 +146,15 @@ def _precompute_sections(recipe: Recipe) -> dict[str, Any]:
 
 
 def _cache_intact(recipe: Recipe) -> str | None:
-    """A cheap look at the finished cache (manifest, file sizes, row count; no checksums)."""
+    """A look at the finished cache before reuse: manifest, files and their checksums, row count
+    (the cache is O(pairs x k) small, so hashing it is cheap next to a rerun)."""
     from fpo_recipes.cache import CacheError
     from fpo_recipes.cache.store import open_split, split_dir
 
     for split, fp in cache_dependencies(recipe).items():
         sdir = split_dir(recipe.cache_dir, split)
         try:
-            open_split(sdir, fp, verify=False)
+            open_split(sdir, fp, verify=True)
         except CacheError as exc:
             return f"the {split} cache is not usable: {str(exc).splitlines()[0]}"
     return None
