@@ -77,10 +77,12 @@ def _function(impl: str):
     return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
 
 
-def _available(impl: str) -> str | None:
-    """None if usable here, else why not."""
+def _available(impl: str, device: str) -> str | None:
+    """None if usable here, else why not (a row "skipped: <why>")."""
     import torch
 
+    if impl == "flash_attention_2" and not device.startswith("cuda"):
+        return "GPU-only: flash-attn's kernels run on CUDA only"
     if impl == "flash_attention_2":
         from transformers.utils import is_flash_attn_2_available
 
@@ -165,9 +167,9 @@ def run(opts) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for impl in opts.impl_list:
         row: dict[str, Any] = {"name": impl, "label": impl}
-        why = _available(impl)
+        why = _available(impl, opts.device)
         if why:
-            rows[impl] = {**row, "ok": False, "error": f"not available: {why}"}
+            rows[impl] = {**row, "ok": False, "skipped": True, "error": f"skipped: {why}"}
             continue
         try:
             fn = _function(impl)

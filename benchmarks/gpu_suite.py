@@ -105,6 +105,18 @@ PLANS = {
         budget=2400),
 }
 PARTS = ["install", "probe", "train", "precompute", "fit", "attention", "flex_step", "adapters"]
+ADAPTER_VARIANTS = ["lora", "qlora", "adamw_8bit"]
+# What only a CUDA device runs as the device would: elsewhere (the CPU rehearsal) the suite
+# reports each as skipped with this reason instead of timing a fallback. Keys: a part, an
+# adapter variant, or one of the summary's GPU-only figures.
+GPU_ONLY = {
+    "flex_step": "flex attention has no backward pass on CPU (torch raises NotImplementedError)",
+    "qlora": "bitsandbytes' 4-bit (nf4) matmuls are CUDA kernels; elsewhere it runs a slow fallback",
+    "adamw_8bit": "bitsandbytes' 8-bit optimizer states are a CUDA path (on CPU its AdamW keeps 32-bit states)",
+    "bf16": "bf16 is the GPU precision; off CUDA the scripts run fp32",
+    "matmul": "the bf16 matmul ceiling and the chip's peak (for MFU) need a CUDA device",
+    "fit": "peak reserved is CUDA's caching-allocator figure",
+}
 
 
 # ------------------------------------------------------------------ running parts
@@ -135,6 +147,12 @@ class Suite:
         self.results: dict[str, PartResult] = {p: PartResult(p) for p in PARTS}
         self.log = (self.out / "suite.log").open("w")
 
+    @property
+    def cuda(self) -> bool:
+        """Whether the parts run on a CUDA device (the probe's finding; before it, --device)."""
+        probe = _load(self.work / "probe.json")
+        return bool(probe["cuda"]) if probe and "cuda" in probe else self.opts.device.startswith("cuda")
+
     def say(self, text: str) -> None:
         print(text, flush=True)
         self.log.write(text + "\n")
@@ -149,6 +167,10 @@ class Suite:
         res = self.results[part]
         box = self.box(part)
         res.box_s = round(box, 1)
+        if part in GPU_ONLY and not self.cuda:
+            res.status, res.note = "skipped", f"GPU-only: {GPU_ONLY[part]}"
+            self.say(f"[suite] {part}: skipped ({res.note})")
+            return
         if box < self.plan.minimum[part]:
             res.status, res.note = "skipped", f"{max(box, 0):.0f} s left of the budget, {self.plan.minimum[part]} s needed"
             self.say(f"[suite] {part}: skipped ({res.note})")
@@ -263,12 +285,16 @@ class Suite:
                                    self.opts.device, "--batch", str(s["batch"]), "--seq-len", str(s["seq_len"]),
                                    "--iters", str(s["iters"]), "--json", str(self.work / "attention.json")], box)
 
-    def adapters(self, box: float) -> None:
+    def adapters(self, box: float) -> str:
         s = self.plan.adapters
+        variants = [v for v in ADAPTER_VARIANTS if self.cuda or v not in GPU_ONLY]
         self.command("adapters", [self.python, str(HERE / "adapter_step.py"), "--shape", self.opts.shape, "--device",
                                   self.opts.device, "--pairs", str(s["pairs"]), "--seq-len", str(s["seq_len"]),
-                                  "--steps", str(s["steps"]), "--timeout", str(max(30, box / 3)),
+                                  "--steps", str(s["steps"]), "--variants", ",".join(variants),
+                                  "--timeout", str(max(30, box / len(variants))),
                                   "--json", str(self.work / "adapters.json")], box)
+        skipped = [v for v in ADAPTER_VARIANTS if v not in variants]
+        return f"{', '.join(skipped)} skipped (GPU-only)" if skipped else ""
 
     # ------------------------------------------------------------------- reporting
 
@@ -392,7 +418,8 @@ class Target:
         return f"- {'' if applies else '[informational] '}{self.status:4s} {body}"
 
 
-def targets(train: dict, fit: dict, pre: dict, precision: str, peak_flops: float | None, peak_name: str) -> list[Target]:
+def targets(train: dict, fit: dict, pre: dict, precision: str, peak_flops: float | None, peak_name: str,
+            cuda: bool = True) -> list[Target]:
     r = (train or {}).get("results", {})
 
     def rel(a: str, b: str, key: str):
@@ -423,10 +450,12 @@ def targets(train: dict, fit: dict, pre: dict, precision: str, peak_flops: float
                profiles=pair("trl_cpo_simpo")),
         Target("FPO full fine-tuning at 8 pairs x 2048 tokens: peak reserved GB (fits one 80 GB GPU)",
                FIT_LIMIT_BYTES / 1e9, None if fit_peak is None else fit_peak / 1e9, profiles=("fit:fpo",),
-               detail="" if fit_peak is not None else (fpo_fit.get("error") or "fit not run")),
+               detail="" if fit_peak is not None else (fpo_fit.get("error") or "fit not run") if cuda
+               else f"skipped (GPU-only: {GPU_ONLY['fit']})"),
         Target(f"FPO MFU at 4 pairs x 1024 (8·N·tokens / step / {peak_name})", 0.35,
                mfu(r.get("fpo"), precision, peak_flops), at_least=True, profiles=("train:fpo",),
-               detail="" if peak_flops else "no bf16 peak known for this device"),
+               detail="" if peak_flops else "no bf16 peak known for this device" if cuda
+               else f"skipped (GPU-only: {GPU_ONLY['matmul']})"),
         Target("precompute tokens/s / bare bf16 forward tokens/s", 0.95, pre_ratio, at_least=True,
                profiles=("precompute:floor", "precompute:precompute")),
     ]
@@ -448,6 +477,7 @@ def summarize(suite: Suite) -> tuple[str, dict[str, Any]]:
     peak_name = probe.get("peak_source") or "bf16 peak"
     device = probe.get("gpu") or probe.get("device") or opts.device
     applies = opts.shape == "gemma2-2b" and bool(probe.get("cuda"))
+    cuda = suite.cuda
     used = time.monotonic() - suite.start
     v = probe.get("versions", {})
     L = [
@@ -458,9 +488,11 @@ def summarize(suite: Suite) -> tuple[str, dict[str, Any]]:
         f"transformers {v.get('transformers', '-')}, trl {v.get('trl', '-')}, axolotl {v.get('axolotl', '-')}, "
         f"peft {v.get('peft', '-')}, bitsandbytes {v.get('bitsandbytes', '-')}, sae-lens {v.get('sae-lens', '-')}, "
         f"flash-attn {v.get('flash-attn') or 'not installed'}",
-        f"device: {probe.get('nvidia_smi') or device}; bf16 matmul measured: "
-        f"{_num(probe.get('matmul_tflops'), '.0f')} TFLOP/s ({probe.get('matmul_shape', '-')}); "
-        f"peak for MFU: {_num(peak_flops and peak_flops / 1e12, '.1f')} TFLOP/s ({peak_name})",
+        (f"device: {probe.get('nvidia_smi') or device}; bf16 matmul measured: "
+         f"{_num(probe.get('matmul_tflops'), '.0f')} TFLOP/s ({probe.get('matmul_shape', '-')}); "
+         f"peak for MFU: {_num(peak_flops and peak_flops / 1e12, '.1f')} TFLOP/s ({peak_name})" if cuda else
+         f"device: {device}; skipped (GPU-only): bf16 -- {GPU_ONLY['bf16']}; matmul ceiling and MFU -- "
+         f"{GPU_ONLY['matmul']}"),
         f"time: {used:.0f} s of the {opts.budget_s or suite.plan.budget} s budget",
         "",
         "| part | status | seconds | box s | note |",
@@ -492,14 +524,15 @@ def summarize(suite: Suite) -> tuple[str, dict[str, Any]]:
             n = b["weights"] / bytes_per_element(precision)
             L += ["", f"FPO's peak: weights {_gib(b['weights'])}, grads {_gib(b['grads'])}, AdamW {_gib(b['optimizer'])}, "
                       f"SAE {_gib(b['sae'])}, activations + temporaries {_gib(b['activations_and_temporaries'])}; "
-                      f"N = {n / 1e9:.3f} B parameters, {fpo['tokens_per_step']} non-pad tokens per step, "
-                      f"8·N·tokens = {model_flops(n, fpo['tokens_per_step']) / 1e12:.1f} TFLOP per step"]
+                      f"N = {n:,.0f} parameters, {fpo['tokens_per_step']} non-pad tokens per step, "
+                      f"8·N·tokens = {model_flops(n, fpo['tokens_per_step']) / 1e12:.4g} TFLOP per step"]
     # fit
     L += ["", "## What fits: FPO alone, " + _batch_line(fit, suite.plan.fit), *([] if fit else ["(not run)"])]
     if fit:
         row = fit["results"].get("fpo") or {}
         if row.get("ok"):
-            L.append(f"peak allocated {_gib(row.get('peak_bytes'))}, peak reserved {_gib(row.get('peak_reserved_bytes'))}, "
+            reserved = _gib(row.get("peak_reserved_bytes")) if cuda else f"skipped (GPU-only: {GPU_ONLY['fit']})"
+            L.append(f"peak {'allocated' if cuda else 'RSS above imports'} {_gib(row.get('peak_bytes'))}, peak reserved {reserved}, "
                      f"median step {_num(row.get('step_s'), '.3f')} s, {_num(row.get('tokens_per_s'), ',.0f')} tokens/s, "
                      f"MFU {_num(mfu(row, precision, peak_flops), '.1%')}")
         else:
@@ -534,7 +567,9 @@ def summarize(suite: Suite) -> tuple[str, dict[str, Any]]:
         L.append(f"\nfastest that keeps the soft-cap: {a.get('fastest_with_softcap') or 'none measured'}")
     eager_row = ((train or {}).get("results") or {}).get("fpo") or {}
     flex_row = ((flex or {}).get("results") or {}).get("fpo") or {}
-    if flex:
+    if not cuda and "flex_step" in opts.part_list:
+        L.append(f"FPO train step with flex attention: skipped (GPU-only: {GPU_ONLY['flex_step']})")
+    elif flex:
         if flex_row.get("ok"):
             L.append(f"FPO train step with flex attention: {_num(flex_row['step_s'], '.4f')} s, peak {_gib(flex_row.get('peak_bytes'))}"
                      f" (eager in `train`: {_num(eager_row.get('step_s'), '.4f')} s, {_gib(eager_row.get('peak_bytes'))}; "
@@ -556,8 +591,11 @@ def summarize(suite: Suite) -> tuple[str, dict[str, Any]]:
                      f"{row['optimizer'].split('.', 1)[0]} {row['optimizer'].rsplit('.', 1)[-1]} "
                      f"({row['optimizer_states_8bit']} of {row['optimizer_states']}) | "
                      f"{row['trainable_parameters'] / max(row['parameters'], 1):.2%} |")
+        for name in ADAPTER_VARIANTS:
+            if name not in adapt["results"] and name in GPU_ONLY and not cuda:
+                L.append(f"| {name} | skipped (GPU-only: {GPU_ONLY[name]}) |  |  |  |  |  |")
     # targets
-    ts = targets(train, fit, pre, precision, peak_flops, peak_name)
+    ts = targets(train, fit, pre, precision, peak_flops, peak_name, cuda)
     L += ["", "## Targets (issue 17; ratios measured in this run)" + ("" if applies else
           " -- informational: the targets are set for --shape gemma2-2b on a GPU"), ""]
     L += [t.line(applies) for t in ts]

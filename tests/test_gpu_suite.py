@@ -59,3 +59,17 @@ def test_every_carried_wheel_is_pinned_in_the_newest_constraints():
     assert {"axolotl", "trl", "datasets", "sae-lens", "bitsandbytes", "transformers"} <= set(specs)
     assert all(spec.startswith(f"{name}==") and spec.count("==") == 1 for name, spec in specs.items())
     assert len({wheels.canonical(n) for n in specs}) == len(specs)  # one version of each
+
+
+def test_off_cuda_a_gpu_only_part_is_skipped_with_its_reason(tmp_path):
+    suite_mod = _load("gpu_suite")
+    opts = suite_mod.parse_args(["--shape", "tiny", "--device", "cpu", "--install", "none", "--out",
+                                 str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--parts", "flex_step"])
+    suite = suite_mod.Suite(opts)
+    ran = []
+    suite.run_part("flex_step", lambda box: ran.append(box))
+    res = suite.results["flex_step"]
+    assert ran == [] and res.status == "skipped" and res.note == f"GPU-only: {suite_mod.GPU_ONLY['flex_step']}"
+    suite.save()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| flex_step | skipped |" in summary and "skipped (GPU-only: flex attention has no backward" in summary
