@@ -169,7 +169,7 @@ def run(opts) -> dict[str, Any]:
         row: dict[str, Any] = {"name": impl, "label": impl}
         why = _available(impl, opts.device)
         if why:
-            rows[impl] = {**row, "ok": False, "skipped": True, "error": f"skipped: {why}"}
+            rows[impl] = {**row, "ok": False, "skipped": True, "error": f"skipped ({why})"}
             continue
         try:
             fn = _function(impl)

@@ -107,15 +107,15 @@ PLANS = {
 PARTS = ["install", "probe", "train", "precompute", "fit", "attention", "flex_step", "adapters"]
 ADAPTER_VARIANTS = ["lora", "qlora", "adamw_8bit"]
 # What only a CUDA device runs as the device would: elsewhere (the CPU rehearsal) the suite
-# reports each as skipped with this reason instead of timing a fallback. Keys: a part, an
-# adapter variant, or one of the summary's GPU-only figures.
+# reports each as skipped with this reason instead of timing a fallback. Keys: a part (PARTS),
+# an adapter variant (ADAPTER_VARIANTS) or one of the summary's GPU-only figures.
 GPU_ONLY = {
     "flex_step": "flex attention has no backward pass on CPU (torch raises NotImplementedError)",
     "qlora": "bitsandbytes' 4-bit (nf4) matmuls are CUDA kernels; elsewhere it runs a slow fallback",
     "adamw_8bit": "bitsandbytes' 8-bit optimizer states are a CUDA path (on CPU its AdamW keeps 32-bit states)",
     "bf16": "bf16 is the GPU precision; off CUDA the scripts run fp32",
     "matmul": "the bf16 matmul ceiling and the chip's peak (for MFU) need a CUDA device",
-    "fit": "peak reserved is CUDA's caching-allocator figure",
+    "peak_reserved": "peak reserved is CUDA's caching-allocator figure",
 }
 
 
@@ -451,11 +451,11 @@ def targets(train: dict, fit: dict, pre: dict, precision: str, peak_flops: float
         Target("FPO full fine-tuning at 8 pairs x 2048 tokens: peak reserved GB (fits one 80 GB GPU)",
                FIT_LIMIT_BYTES / 1e9, None if fit_peak is None else fit_peak / 1e9, profiles=("fit:fpo",),
                detail="" if fit_peak is not None else (fpo_fit.get("error") or "fit not run") if cuda
-               else f"skipped (GPU-only: {GPU_ONLY['fit']})"),
+               else f"skipped, GPU-only: {GPU_ONLY['peak_reserved']}"),
         Target(f"FPO MFU at 4 pairs x 1024 (8·N·tokens / step / {peak_name})", 0.35,
                mfu(r.get("fpo"), precision, peak_flops), at_least=True, profiles=("train:fpo",),
                detail="" if peak_flops else "no bf16 peak known for this device" if cuda
-               else f"skipped (GPU-only: {GPU_ONLY['matmul']})"),
+               else f"skipped, GPU-only: {GPU_ONLY['matmul']}"),
         Target("precompute tokens/s / bare bf16 forward tokens/s", 0.95, pre_ratio, at_least=True,
                profiles=("precompute:floor", "precompute:precompute")),
     ]
@@ -531,7 +531,7 @@ def summarize(suite: Suite) -> tuple[str, dict[str, Any]]:
     if fit:
         row = fit["results"].get("fpo") or {}
         if row.get("ok"):
-            reserved = _gib(row.get("peak_reserved_bytes")) if cuda else f"skipped (GPU-only: {GPU_ONLY['fit']})"
+            reserved = _gib(row.get("peak_reserved_bytes")) if cuda else f"skipped (GPU-only: {GPU_ONLY['peak_reserved']})"
             L.append(f"peak {'allocated' if cuda else 'RSS above imports'} {_gib(row.get('peak_bytes'))}, peak reserved {reserved}, "
                      f"median step {_num(row.get('step_s'), '.3f')} s, {_num(row.get('tokens_per_s'), ',.0f')} tokens/s, "
                      f"MFU {_num(mfu(row, precision, peak_flops), '.1%')}")

@@ -73,3 +73,4 @@ def test_off_cuda_a_gpu_only_part_is_skipped_with_its_reason(tmp_path):
     suite.save()
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| flex_step | skipped |" in summary and "skipped (GPU-only: flex attention has no backward" in summary
+    assert set(suite_mod.GPU_ONLY) & set(suite_mod.PARTS) == {"flex_step"}  # fit, train, ... run on a CPU too
