@@ -199,6 +199,7 @@ def tokenize_pairs(ds, tokenizer, max_length: int, max_prompt_length: int):
     each response is cut so prompt + response <= ``max_length``."""
     bos_id = tokenizer.bos_token_id
     bos_text = tokenizer.bos_token
+    cut = {"prompts": 0, "responses": 0}  # reported: truncation is never silent
 
     def _row(row: dict[str, Any]) -> dict[str, list[int]]:
         prompt_text = row["prompt"]
@@ -207,19 +208,25 @@ def tokenize_pairs(ds, tokenizer, max_length: int, max_prompt_length: int):
         if bos_id is not None and not has_bos:
             ids = [bos_id] + ids
         if len(ids) > max_prompt_length:
+            cut["prompts"] += 1
             head = ids[:1] if bos_id is not None and ids[0] == bos_id else []
             ids = head + ids[len(ids) - (max_prompt_length - len(head)):]
         room = max_length - len(ids)
-        return {
-            "prompt_input_ids": ids,
-            "chosen_input_ids": _encode(tokenizer, row["chosen"])[:room],
-            "rejected_input_ids": _encode(tokenizer, row["rejected"])[:room],
-        }
+        chosen, rejected = _encode(tokenizer, row["chosen"]), _encode(tokenizer, row["rejected"])
+        cut["responses"] += (len(chosen) > room) + (len(rejected) > room)
+        return {"prompt_input_ids": ids, "chosen_input_ids": chosen[:room], "rejected_input_ids": rejected[:room]}
 
     if not len(ds):
         return ds
     with quiet_datasets():
-        return ds.map(_row, load_from_cache_file=False)
+        out = ds.map(_row, load_from_cache_file=False)
+    if cut["prompts"] or cut["responses"]:
+        import logging
+
+        logging.getLogger("fpo_recipes.data").warning(
+            "%d of %d prompts were longer than data.max_prompt_length %d (cut from the left, BOS kept); %d responses "
+            "were cut to fit data.max_length %d", cut["prompts"], len(ds), max_prompt_length, cut["responses"], max_length)
+    return out
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict:

@@ -94,3 +94,18 @@ def test_features_file_without_ids_or_with_booleans_is_refused(write_recipe, tmp
     path = write_recipe(constraints=[{"name": "t", "features_file": str(features), "weight": 1.0}])
     code, out = _validate(path)
     assert code == 1 and "features_file" in out, out
+
+
+def test_truncation_is_counted_and_reported(tiny_model_dir, caplog):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from fpo_recipes.data import tokenize_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ds = datasets.Dataset.from_list([{"prompt": "a b c d e f g h i j", "chosen": "x", "rejected": "y"},
+                                     {"prompt": "a", "chosen": "x", "rejected": "y"}])
+    with caplog.at_level("WARNING", logger="fpo_recipes.data"):
+        out = tokenize_pairs(ds, tokenizer, max_length=64, max_prompt_length=4)
+    assert len(out[0]["prompt_input_ids"]) == 4
+    assert "1 of 2 prompts were longer than data.max_prompt_length 4" in caplog.text
