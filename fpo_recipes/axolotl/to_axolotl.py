@@ -114,6 +114,8 @@ def build_axolotl_config(recipe) -> dict[str, Any]:
         value = getattr(t, field.split(".")[1])
         if value is not None:  # max_steps / save_steps unset: Axolotl's own default
             cfg[key] = value
+    if t.warmup_ratio is not None:  # Axolotl takes one of the two
+        cfg.pop("warmup_steps")
     cfg["gradient_accumulation_steps"] = t.gradient_accumulation_steps
     cfg["lr_scheduler"] = t.scheduler
     cfg["optimizer"] = AXOLOTL_OPTIMIZERS.get(t.optimizer, t.optimizer)
