@@ -69,7 +69,7 @@ FPO_KEY_FIELDS: dict[str, str] = {
 }
 FPO_KEYS = tuple(FPO_KEY_FIELDS)
 # fpo_* keys read by the plugin itself, not recipe fields
-PLUGIN_KEYS = ("fpo_recipe", "fpo_logprob_chunk_size", "fpo_full_logits")
+PLUGIN_KEYS = ("fpo_recipe", "fpo_logprob_chunk_size", "fpo_full_logits", "fpo_tracker_tags")
 ALL_FPO_KEYS = PLUGIN_KEYS + FPO_KEYS  # everything plugins/fpo/args.py declares
 
 # Axolotl's own keys that carry a train field as it is (both directions copy the value).
@@ -117,6 +117,10 @@ AXOLOTL_CONVERTED_FIELDS: dict[str, str] = {
     "train.optimizer": "optimizer",
     "train.precision": "bf16",
     "train.output_dir": "output_dir",
+    "train.report_to": "use_tensorboard",
+    "train.project": "wandb_project",
+    "train.run_name": "wandb_name",
+    "train.tags": "fpo_tracker_tags",
 }
 # recipe field path -> the Axolotl key it comes from (error messages name the key)
 FIELD_KEYS: dict[str, str] = {

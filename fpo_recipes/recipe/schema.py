@@ -61,6 +61,8 @@ def methods_where(flag: str) -> str:
 
 
 VERIFIER_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# train.report_to: the experiment trackers Axolotl reports to ("none": no tracker at all)
+REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
 METRICS = ("preference_accuracy", "seq_kl", "feature_mse", "entropy", "targeted_shift", "answer_accuracy", "win_rate")
 
 
@@ -348,6 +350,11 @@ class TrainSpec(Section):
     output_dir: str | None = Field(None, description="defaults to runs/<name>")
     logging_steps: int = Field(1, ge=1)
     save_steps: int | None = Field(None, ge=1)
+    report_to: list[Literal[REPORTERS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["tensorboard"], description="experiment trackers: tensorboard, wandb, mlflow, or [none]")
+    project: str | None = Field(None, description="wandb project / mlflow experiment (default: the recipe name)")
+    run_name: str | None = Field(None, description="the tracker's run name (default: the recipe name)")
+    tags: list[str] = Field(default_factory=list, description="tracker tags (wandb tags; mlflow tags, each set to true)")
 
     @model_validator(mode="after")
     def _accumulation(self) -> TrainSpec:
@@ -357,6 +364,15 @@ class TrainSpec(Section):
                 "(hint: gradient accumulation = batch_size / micro_batch_size must be whole)"
             )
         return self
+
+    @field_validator("report_to")
+    @classmethod
+    def _reporters(cls, v: list[str]) -> list[str]:
+        if "none" in v and len(v) > 1:
+            raise ValueError("none means no tracker; it cannot be combined with others (hint: report_to: [none], or drop none)")
+        if len(set(v)) != len(v):
+            raise ValueError("a tracker is listed twice (hint: list each once)")
+        return v
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainSpec:
