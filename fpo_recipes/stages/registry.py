@@ -67,7 +67,7 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     d["constraints"] = {str(k): v for k, v in recipe.targeted_features().items()}
     d["precompute"]["cache_dir"] = str(recipe.cache_dir)
     d["train"]["output_dir"] = str(recipe.output_dir)
-    for key in ("name", "description", "schema_version", "sweep"):
+    for key in ("name", "description", "schema_version"):
         d.pop(key, None)
     return d
 
