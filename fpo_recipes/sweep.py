@@ -7,14 +7,15 @@ it. The reference cache is keyed by the cache's own fingerprint
 (:func:`fpo_recipes.cache.fingerprint.cache_fingerprint`): points that differ only in what
 the cache does not depend on (beta, alpha, gamma, k <= k_cache, the learning rate, steps)
 get the same folder, so the first computes it and the others find it up to date. An SAE the
-recipe trains (``sae.train`` without ``sae.path``) is shared the same way, keyed by its
-training fingerprint. Resuming is the pipeline's: a rerun reuses every finished stage.
+recipe trains (``sae.train``) is shared the same way, keyed by its training fingerprint
+(under ``sae.path`` when the recipe sets one). A ``precompute.cache_dir`` the recipe sets is
+the folder the keyed caches go under. Resuming is the pipeline's: a rerun reuses every finished stage.
 
 Layout under the sweep folder (default ``<base output_dir>-sweep``)::
 
     <point name>/          one run folder per point (recipe.output_dir)
     ref_cache/<key>/       one reference cache per distinct cache fingerprint
-    sae/<key>/             one trained SAE per distinct SAE training fingerprint
+    sae/<key>/             one trained SAE per distinct SAE training fingerprint (sae.train)
     compare.md, .png       the comparison over the points (fpo compare)
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fpo_recipes.recipe import RecipeError, RecipeIssue, load_and_check
+from fpo_recipes.recipe.sae_sources import sae_location
 from fpo_recipes.recipe.schema import Recipe
 
 KEY_LENGTH = 16  # hex digits of a fingerprint digest naming a shared folder
@@ -132,8 +134,9 @@ def build_sweep(path: str | Path, grid: dict[str, list[Any]] | None = None, over
         raise RecipeError([RecipeIssue(str(path), None, "sweep",
                                        "nothing to sweep (hint: --grid objective.beta=0.05,0.1, or a sweep.grid section)")])
     root = Path(root) if root is not None else Path(f"{base.output_dir}-sweep")
-    # Inputs a point trains here are shared by key; ones the recipe names stay where they are.
-    share_sae = base.sae is not None and base.sae.train is not None and base.sae.path is None
+    # What the points build is shared by key, under the folder the recipe names or the sweep's.
+    share_sae = base.sae is not None and base.sae.train is not None
+    sae_root = Path(sae_location(base)) if base.sae is not None and base.sae.path else (root / "sae").resolve()
     cache_root = Path(base.precompute.cache_dir) if base.precompute.cache_dir else root / "ref_cache"
     sweep = Sweep(base=base, root=root, grid=full_grid)
     points = grid_points(full_grid)
@@ -143,7 +146,7 @@ def build_sweep(path: str | Path, grid: dict[str, list[Any]] | None = None, over
                 override("name", name), override("train.output_dir", str(root / label))]
         recipe = _load_point(path, sets, values)
         if share_sae:
-            sets.append(override("sae.path", str((root / "sae" / sae_key(recipe)).resolve())))
+            sets.append(override("sae.path", str(sae_root / sae_key(recipe))))
             recipe = load_and_check(path, tuple(sets))
         sets.append(override("precompute.cache_dir", str(cache_root / cache_key(recipe))))
         recipe = load_and_check(path, tuple(sets))

@@ -114,3 +114,13 @@ def test_sweep_section_cli_dry_run_and_errors(write_recipe, tmp_path):
     data["sweep"] = {"grid": {"objective.beta": []}}
     empty.write_text(yaml.safe_dump(data))
     assert "sweep.grid: objective.beta: no values to sweep" in runner.invoke(app, ["validate", str(empty)]).stderr
+
+
+def test_a_trained_sae_is_shared_by_its_training_fingerprint(write_recipe, tmp_path):
+    train = {"width": 64, "k": 4, "tokens": 1000, "batch_size": 64}
+    path = write_recipe(precompute={"cache_dir": None}, sae={"path": None, "train": train})
+    same = build_sweep(path, parse_grid(["objective.beta=0.05,0.1"]), root=tmp_path / "s")
+    assert len({p.recipe.sae.path for p in same.points}) == 1 and len(same.cache_groups()) == 1
+    assert Path(same.points[0].recipe.sae.path).parent == (tmp_path / "s" / "sae").resolve()
+    wider = build_sweep(path, parse_grid(["sae.train.width=64,128"]), root=tmp_path / "s")
+    assert len({p.recipe.sae.path for p in wider.points}) == 2 and len(wider.cache_groups()) == 2
