@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli.common import load_recipe_or_exit, set_option
 from fpo_recipes.stages.registry import PIPELINE
 
 _STAGE_NAMES = ", ".join(s.name for s in PIPELINE)
@@ -22,6 +22,7 @@ def run(
     from_stage: str | None = typer.Option(None, "--from", help=f"Rerun from this stage on: {_STAGE_NAMES}."),
     only: str | None = typer.Option(None, "--only", help=f"Run just this stage (forced): {_STAGE_NAMES}."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Run a recipe end to end; stages whose outputs match the recipe are reused.
 
@@ -32,7 +33,7 @@ def run(
     from fpo_recipes.cli.evaluate import print_run
     from fpo_recipes.stages import run as pipeline
 
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     try:
         if dry_run:
             plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only)

@@ -165,8 +165,10 @@ def _as_paths(result: Any, fallback: list[str]) -> list[Path]:
 
 
 def _resume_command(recipe: Recipe) -> str:
+    import shlex
+
     source = recipe.source_path or "RECIPE"
-    return f"fpo run {source}"
+    return " ".join(["fpo run", shlex.quote(str(source)), *(f"--set {shlex.quote(o)}" for o in recipe.overrides)])
 
 
 def run_pipeline(
