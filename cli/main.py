@@ -25,6 +25,8 @@ app = typer.Typer(
 def _summary(recipe: Recipe) -> str:
     o = recipe.objective
     parts = [f"{o.method} on {recipe.model.name_or_path}"]
+    if recipe.sft is not None:
+        parts[0] += f" after SFT on {recipe.sft.data.path} ({recipe.sft.data.format})"
     if uses_sae(recipe):
         sae = recipe.sae
         if sae.train is not None:
