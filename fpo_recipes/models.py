@@ -70,7 +70,7 @@ def naming_the_model(recipe, which: str):
         if section == "model" and which != "base" and recipe.sft is not None:
             missing = recipe.start_model.name_or_path
             raise ModelLoadError(f"sft: cannot load the SFT model {missing}: {(str(exc).strip().splitlines() or [''])[0]} "
-                                 "(hint: run the sft stage first: fpo run RECIPE)") from exc
+                                 "(hint: run the sft stage first: fpo run RECIPE --only sft)") from exc
         name = getattr(recipe, section).name_or_path
         # (a built-in name or GGUF file is not resolved: that would convert it again)
         location = recipe.resolve_input(name) if is_converted_on_load(name) else resolve_model_path(recipe.resolve_input(name), recipe.base_dir)

@@ -148,3 +148,15 @@ def test_sft_run_hides_plugins_its_config_does_not_name():
     with only_configured_plugins({"base_model": "x"}):
         assert PLUGIN_NAME not in manager.plugins
     assert PLUGIN_NAME in manager.plugins
+
+
+def test_a_missing_sft_model_is_one_line_naming_the_stage(write_recipe, tmp_path):
+    from fpo_recipes.models import ModelLoadError, load_model_config
+
+    recipe = load_recipe(write_recipe(sft={"data": {"path": "d.jsonl"}, "output_dir": str(tmp_path / "never_trained")}))
+    with pytest.raises(ModelLoadError) as info:
+        load_model_config(recipe, "reference")
+    message = str(info.value)
+    assert message.startswith(f"sft: cannot load the SFT model {(tmp_path / 'never_trained' / 'model').resolve()}")
+    assert message.endswith("(hint: run the sft stage first: fpo run RECIPE --only sft)") and "\n" not in message
+    assert load_model_config(recipe, "base").num_hidden_layers == 3  # the base model itself still loads
