@@ -160,3 +160,16 @@ def test_a_missing_sft_model_is_one_line_naming_the_stage(write_recipe, tmp_path
     assert message.startswith(f"sft: cannot load the SFT model {(tmp_path / 'never_trained' / 'model').resolve()}")
     assert message.endswith("(hint: run the sft stage first: fpo run RECIPE --only sft)") and "\n" not in message
     assert load_model_config(recipe, "base").num_hidden_layers == 3  # the base model itself still loads
+
+
+def test_missing_sft_data_is_named_before_any_training(write_recipe, tmp_path):
+    from fpo_recipes.recipe import load_and_check
+    from fpo_recipes.stages.sft import run_sft
+
+    path = write_recipe(sft={"data": {"path": "missing.jsonl"}, "output_dir": str(tmp_path / "sft")})
+    with pytest.raises(RecipeError) as info:
+        load_and_check(path)
+    assert f"sft.data.path: {tmp_path / 'missing.jsonl'} does not exist (hint: relative paths" in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"^sft\.data\.path: .*missing\.jsonl does not exist"):
+        run_sft(load_recipe(path))
+    assert not (tmp_path / "sft").exists()  # nothing written

@@ -79,6 +79,11 @@ def run_sft(recipe, force: bool = False) -> Path:
     from fpo_recipes.stages.train import _train_in_process
 
     load_model_config(recipe, "base")  # a missing or unloadable model: one line, before Axolotl starts
+    from fpo_recipes.recipe.checks import _looks_local
+
+    data = recipe.resolve_input(recipe.sft.data.path)
+    if _looks_local(recipe.sft.data.path) and not Path(data).exists():
+        raise FileNotFoundError(f"sft.data.path: {data} does not exist (hint: relative paths are read from the recipe's folder)")
     work = sft_dir(recipe)
     model_dir = work / "model"
     if force:  # a stale earlier SFT (other settings) in this folder: start afresh, don't resume it
