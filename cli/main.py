@@ -15,7 +15,7 @@ from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
 
 app = typer.Typer(
     name="fpo",
-    help="Feature-level constrained preference optimisation recipes: validate, then run (sae, precompute, train, evaluate).",
+    help="Feature-level constrained preference optimisation recipes: validate, then run (sft, sae, precompute, train, evaluate).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -41,6 +41,8 @@ def _main(
 def _summary(recipe: Recipe) -> str:
     o = recipe.objective
     parts = [f"{o.method} on {recipe.model.name_or_path}"]
+    if recipe.sft is not None:
+        parts[0] += f" after SFT on {recipe.sft.data.path} ({recipe.sft.data.format})"
     if uses_sae(recipe):
         sae = recipe.sae
         if sae.train is not None:

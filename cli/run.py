@@ -1,4 +1,4 @@
-"""`fpo run RECIPE`: the registered stages in order (sae -> precompute -> train -> evaluate),
+"""`fpo run RECIPE`: the registered stages in order (sft -> sae -> precompute -> train -> evaluate),
 reusing finished ones."""
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def run(
 ) -> None:
     """Run a recipe end to end; stages whose outputs match the recipe are reused.
 
-    Stages, in order: sae (train the SAE sae.train describes), precompute
+    Stages, in order: sft (supervised fine-tuning on sft.data, through
+    Axolotl: the policy's start and the reference; its model is shared by
+    recipes with the same SFT inputs), sae (train the SAE sae.train describes), precompute
     (the offline reference cache), train (Axolotl with the FPO plugin),
     evaluate. A stage the recipe does not need is skipped; the plan says
     why."""

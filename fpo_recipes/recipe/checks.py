@@ -79,11 +79,13 @@ def _check_files(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
     sources = []
     if "data" not in unparsed:
         sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
-    for split, source in sources:
+    located = [(("data", split, "path"), source) for split, source in sources]
+    if "sft" not in unparsed and recipe.sft is not None:
+        located.append((("sft", "data", "path"), recipe.sft.data))
+    for loc, source in located:
         resolved = recipe.resolve_input(source.path)
         if _looks_local(source.path) and not Path(resolved).exists():
-            issues.append(_issue(recipe, ("data", split, "path"),
-                f"{resolved} does not exist (hint: relative paths are read from the recipe's folder)"))
+            issues.append(_issue(recipe, loc, f"{resolved} does not exist (hint: relative paths are read from the recipe's folder)"))
     # A model given as a local path (./x, ../x, /x, ~/x) must be there; "org/name" is a hub name.
     models = [("model", recipe.model)] if "model" not in unparsed else []
     if recipe.reference is not None and "reference" not in unparsed:
