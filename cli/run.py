@@ -1,4 +1,4 @@
-"""`fpo run RECIPE`: the registered stages in order (sae -> precompute -> train -> evaluate),
+"""`fpo run RECIPE`: the registered stages in order (sft -> sae -> precompute -> train -> evaluate),
 reusing finished ones."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli.common import load_recipe_or_exit, set_option
 from fpo_recipes.stages.registry import PIPELINE
 
 _STAGE_NAMES = ", ".join(s.name for s in PIPELINE)
@@ -22,13 +22,16 @@ def run(
     from_stage: str | None = typer.Option(None, "--from", help=f"Rerun from this stage on: {_STAGE_NAMES}."),
     only: str | None = typer.Option(None, "--only", help=f"Run just this stage (forced): {_STAGE_NAMES}."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    overrides: list[str] = set_option(),
     force: bool = typer.Option(
         False, "--force", help="Take over a train.output_dir that another recipe owns (its stages then rerun as needed)."
     ),
 ) -> None:
     """Run a recipe end to end; stages whose outputs match the recipe are reused.
 
-    Stages, in order: sae (train the SAE sae.train describes), precompute
+    Stages, in order: sft (supervised fine-tuning on sft.data, through
+    Axolotl: the policy's start and the reference; its model is shared by
+    recipes with the same SFT inputs), sae (train the SAE sae.train describes), precompute
     (the offline reference cache), train (Axolotl with the FPO plugin),
     evaluate. A stage the recipe does not need is skipped; the plan says
     why.
@@ -42,7 +45,7 @@ def run(
     from fpo_recipes.preflight import PreflightError
     from fpo_recipes.stages import run as pipeline
 
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     try:
         if dry_run:
             check_owner(recipe, force)

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli.common import load_recipe_or_exit, set_option
 
 
 def register(app: typer.Typer) -> None:
@@ -26,11 +26,12 @@ def train(
         help="inprocess (Axolotl's Python entry point here), or run `axolotl train` with python, accelerate or torchrun.",
     ),
     launcher_args: list[str] = typer.Argument(None, help="Extra launcher arguments after `--`, e.g. -- --num_processes 2."),
+    overrides: list[str] = set_option(),
     force: bool = typer.Option(False, "--force", help="Take over a train.output_dir that another recipe owns."),
 ) -> None:
     """Train a recipe through Axolotl with the FPO plugin (cache checked first; the run
     folder is locked and must belong to this recipe, see `fpo run --help`)."""
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     from fpo_recipes.ownership import FolderInUseError, FolderOwnedError, check_owner, run_folder
     from fpo_recipes.stages.train import LAUNCHERS, axolotl_yaml_path, run_train
 
@@ -55,9 +56,10 @@ def train(
 def export_axolotl(
     recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Where to write (default train.output_dir/axolotl.yaml)."),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Write the Axolotl YAML for a recipe without training (use with `axolotl train`)."""
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     from fpo_recipes.stages.train import axolotl_yaml_path, export_axolotl_config
 
     target = output or axolotl_yaml_path(recipe)

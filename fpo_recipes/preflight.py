@@ -155,7 +155,7 @@ def preflight(recipe, stages: set[str]) -> list[str]:
     for problem in problems:
         if problem:
             raise PreflightError(problem)
-    if stages & {"precompute", "train"}:
+    if stages & {"precompute", "train"} and "sft" not in stages:  # (an SFT model to come has no tokenizer yet)
         problem = chat_template_problem(recipe)
         if problem:
             raise PreflightError(problem)

@@ -37,11 +37,12 @@ def test_second_recipe_on_the_same_folder_is_refused_before_compute(write_recipe
     assert ownership.current_owner(load_recipe(second).output_dir)["recipe_file"].endswith("b.yaml")
 
 
-def test_child_recipe_inheriting_the_output_folder_is_refused(write_recipe, tmp_path):
+def test_child_recipe_on_its_parents_output_folder_is_refused(write_recipe, tmp_path):
     parent = write_recipe("parent.yaml")
     _run(parent, Recorder())
     child = tmp_path / "child.yaml"
-    child.write_text(yaml.safe_dump({"extends": "parent.yaml", "objective": {"beta": 0.3}}))
+    out = str(load_recipe(parent).output_dir)
+    child.write_text(yaml.safe_dump({"extends": "parent.yaml", "objective": {"beta": 0.3}, "train": {"output_dir": out}}))
     with pytest.raises(ownership.FolderOwnedError, match="parent.yaml"):
         _run(child, Recorder())
 

@@ -299,7 +299,7 @@ def _input_locations(recipe, split: str) -> dict[str, Any]:
     source = recipe.data.eval if split == "eval" and recipe.data.eval is not None else recipe.data.train
     return {
         "reference": recipe.resolve_input(recipe.reference_model.name_or_path),
-        "tokenizer": recipe.resolve_input(recipe.model.name_or_path),
+        "tokenizer": recipe.resolve_input(recipe.start_model.name_or_path),
         "sae": {str(k): v for k, v in sae_sources(recipe).items()} if uses_sae(recipe) else {},
         "data": recipe.resolve_input(source.path),
     }

@@ -8,6 +8,8 @@ A :class:`Stage` says, for any recipe:
 - ``sections(recipe)`` — the resolved recipe sections it depends on: their fingerprint
   decides whether a finished run can be reused;
 - ``outputs(recipe)`` — where its outputs go (checked to still exist before reuse);
+- ``marker_dir(recipe)`` — where its done marker lives (default the run folder; a stage whose
+  output is shared between recipes keeps it beside that output, so every recipe sees one run);
 - ``runner`` — ``"module:function"``, imported only when the stage runs, called as
   ``function(recipe, force) -> output path(s) | None``; ``force`` asks it to redo work its
   own checks would reuse (``--from``, ``--only``, a stale previous run);
@@ -46,6 +48,7 @@ class Stage:
     outputs: Callable[[Recipe], list[Path]]
     runner: str
     help: str
+    marker_dir: Callable[[Recipe], Path] = lambda recipe: Path(recipe.output_dir)
     self_checking: bool = False
     intact: Callable[[Recipe], str | None] | None = None
 
@@ -60,6 +63,9 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     descriptions dropped: they change no output)."""
     d = recipe.to_yaml_dict()
     d["model"]["name_or_path"] = recipe.resolve_input(recipe.model.name_or_path)
+    if recipe.sft is not None:  # the policy starts from the sft stage's model (named by its inputs)
+        d["model"]["start"] = recipe.start_model.name_or_path
+        d.pop("sft")  # the sft stage's input; later stages depend on its model (d["model"]["start"])
     d["reference"] = recipe.reference_model.model_dump(mode="json")
     d["reference"]["name_or_path"] = recipe.resolve_input(d["reference"]["name_or_path"])
     if recipe.sae is not None and recipe.sae.path:
@@ -92,6 +98,23 @@ def data_content(recipe: Recipe) -> dict[str, str | None]:
 
 def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: d[k] for k in keys}
+
+
+# --- sft -------------------------------------------------------------------------------------
+def _sft_not_needed(recipe: Recipe) -> str | None:
+    return None if recipe.sft is not None else "the recipe has no sft section (the policy starts from model.name_or_path)"
+
+
+def _sft_sections(recipe: Recipe) -> dict[str, Any]:
+    from fpo_recipes.recipe.sft_location import sft_inputs
+
+    return sft_inputs(recipe)
+
+
+def _sft_dir(recipe: Recipe) -> Path:
+    from fpo_recipes.recipe.sft_location import sft_dir
+
+    return sft_dir(recipe) if recipe.sft is not None else Path(recipe.output_dir)
 
 
 # --- sae -------------------------------------------------------------------------------------
@@ -182,8 +205,18 @@ def _evaluate_sections(recipe: Recipe) -> dict[str, Any]:
 # --- the pipeline, in order ---------------------------------------------------------------
 PIPELINE: tuple[Stage, ...] = (
     Stage(
-        name="sae",
+        name="sft",
         upstream=(),
+        not_needed=_sft_not_needed,
+        sections=_sft_sections,
+        outputs=lambda recipe: [_sft_dir(recipe) / "model"],
+        runner="fpo_recipes.stages.sft:run_stage",
+        help="supervised fine-tuning of model on sft.data (Axolotl): the policy's start and the reference",
+        marker_dir=_sft_dir,
+    ),
+    Stage(
+        name="sae",
+        upstream=("sft",),
         not_needed=_sae_not_needed,
         sections=_sae_sections,
         outputs=_sae_outputs,
@@ -192,7 +225,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="precompute",
-        upstream=("sae",),
+        upstream=("sft", "sae"),
         not_needed=_precompute_not_needed,
         sections=_precompute_sections,
         outputs=lambda recipe: [Path(recipe.cache_dir)],
@@ -203,7 +236,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="train",
-        upstream=("sae", "precompute"),
+        upstream=("sft", "sae", "precompute"),
         not_needed=_always_needed,
         sections=_train_sections,
         outputs=lambda recipe: [Path(recipe.output_dir)],
@@ -212,7 +245,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="evaluate",
-        upstream=("sae", "train"),
+        upstream=("sft", "sae", "train"),
         not_needed=_always_needed,
         sections=_evaluate_sections,
         outputs=lambda recipe: [Path(recipe.output_dir) / "eval"],

@@ -132,10 +132,10 @@ def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | Non
     start = STAGES.index(from_stage) if from_stage else 0
     for i, stage in enumerate(STAGES):
         needed, why_not = stage_needed(recipe, stage)
-        outputs = (markers[stage] or {}).get("outputs") or expected_outputs(recipe, stage)
-        if not needed:
+        if not needed:  # (before outputs: a stage the recipe does not need may have none, e.g. sae)
             plans.append(StagePlan(stage, "skip", why_not))
             continue
+        outputs = (markers[stage] or {}).get("outputs") or expected_outputs(recipe, stage)
         if only is not None and stage != only:
             plans.append(StagePlan(stage, "skip", "not selected (--only)", outputs))
             continue
@@ -184,8 +184,10 @@ def _as_paths(result: Any, fallback: list[str]) -> list[Path]:
 
 
 def _resume_command(recipe: Recipe) -> str:
+    import shlex
+
     source = recipe.source_path or "RECIPE"
-    return f"fpo run {source}"
+    return " ".join(["fpo run", shlex.quote(str(source)), *(f"--set {shlex.quote(o)}" for o in recipe.overrides)])
 
 
 def run_pipeline(
