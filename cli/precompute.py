@@ -65,6 +65,10 @@ def precompute(
         raise typer.Exit(2) from None
     # OSError: a model or tokenizer that cannot be loaded (named by ModelLoadError), or the disk.
     except (CacheError, SAECompatError, ValueError, OSError) as exc:
+        from fpo_recipes.cli.common import DEBUG
+
+        if DEBUG["on"]:
+            raise
         typer.echo(describe_error(exc), err=True)
         raise typer.Exit(1) from None
     for split in ("train", "eval"):

@@ -88,8 +88,11 @@ def _fail(exc: BaseException, axolotl_yaml) -> NoReturn:
     """Print ``exc`` as one error (recipe-style ``file:line: field: message`` lines as they are), exit 1."""
     from pydantic import ValidationError
 
+    from fpo_recipes.cli.common import DEBUG
     from fpo_recipes.recipe import RecipeError
 
+    if DEBUG["on"]:
+        raise exc
     if isinstance(exc, RecipeError):  # includes AxolotlRecipeError
         message = str(exc)
     elif isinstance(exc, ValidationError):

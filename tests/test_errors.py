@@ -50,3 +50,15 @@ def test_a_disk_full_stage_error_in_fpo_run_names_the_file(write_recipe, monkeyp
     assert result.exit_code == 1
     assert "cache/data: No space left on device (hint: free disk space" in result.output
     assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback_of_a_handled_error_too(write_recipe, monkeypatch):
+    from fpo_recipes.stages import precompute
+
+    def broken(*a, **kw):
+        raise ValueError("data.train: row 2 of pairs.jsonl: chosen is null")
+
+    monkeypatch.setattr(precompute, "run_precompute", broken)
+    path = write_recipe()
+    assert CliRunner().invoke(app, ["precompute", str(path)]).output.strip() == "error: data.train: row 2 of pairs.jsonl: chosen is null"
+    assert isinstance(CliRunner().invoke(app, ["--debug", "precompute", str(path)]).exception, ValueError)
