@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
 import yaml
 
 from fpo_recipes.cli import evaluate, features, precompute, quickstart, recipes, run, sae, sweep, train
-from fpo_recipes.cli.common import load_recipe_or_exit, set_option
+from fpo_recipes.cli.common import DEBUG, load_recipe_or_exit, one_line_errors, set_option
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
 from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
 
@@ -34,8 +35,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="On an error, show the full traceback instead of one line (also FPO_DEBUG=1)."),
 ) -> None:
     """Feature-level constrained preference optimisation recipes: validate, then run (sae, precompute, train, evaluate)."""
+    DEBUG["on"] = debug or os.environ.get("FPO_DEBUG", "") not in ("", "0")
 
 
 def _summary(recipe: Recipe) -> str:
@@ -73,8 +76,11 @@ def _summary(recipe: Recipe) -> str:
 def validate(
     files: list[Path] = typer.Argument(..., help="Recipe YAML files to check."),
     overrides: list[str] = set_option(),
+    scan_rows: int = typer.Option(
+        50_000, "--scan-rows", min=0, help="Rows of each local data file to check (0: none; every stage checks all rows)."),
 ) -> None:
-    """Check recipes before spending compute: schema, method rules, and offline shape checks."""
+    """Check recipes before spending compute: schema, method rules, offline shape checks,
+    and the rows of local data files (bad rows by number, duplicates, chosen == rejected)."""
     failed = False
     for path in files:
         try:
@@ -86,6 +92,17 @@ def validate(
             continue
         for warning in recipe.warnings:
             typer.echo(f"{path}: warning: {warning}", err=True)
+        if scan_rows:
+            from fpo_recipes.data_checks import scan_data
+
+            errors, notes = scan_data(recipe, scan_rows)
+            for note in notes:
+                typer.echo(f"{path}: {note}", err=True)
+            if errors:
+                failed = True
+                for error in errors:
+                    typer.echo(f"{path}: {error}", err=True)
+                continue
         typer.echo(f"ok {path}: {recipe.name}: {_summary(recipe)}")
     raise typer.Exit(1 if failed else 0)
 
@@ -116,3 +133,5 @@ def schema(
 # Stage commands live beside the stages they drive; each module adds itself to the app.
 for _module in (sae, precompute, train, evaluate, run, sweep, features, quickstart, recipes):
     _module.register(app)
+for _command in app.registered_commands + [c for g in app.registered_groups for c in g.typer_instance.registered_commands]:
+    _command.callback = one_line_errors(_command.callback)

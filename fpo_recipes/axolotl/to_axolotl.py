@@ -73,12 +73,15 @@ def build_axolotl_config(recipe) -> dict[str, Any]:
     cfg.update(default_attention(location, revision))
 
     # precision: train.precision is mixed precision, model.dtype the load dtype otherwise
-    cfg["bf16"] = t.precision == "bf16"
-    cfg["fp16"] = t.precision == "fp16"
+    from fpo_recipes.preflight import resolve_precision
+
+    precision, _ = resolve_precision(t.precision)
+    cfg["bf16"] = precision == "bf16"
+    cfg["fp16"] = precision == "fp16"
     cfg["tf32"] = False
-    if t.precision == "fp32" and m.dtype == "bfloat16":
+    if precision == "fp32" and m.dtype == "bfloat16":
         cfg["bfloat16"] = True
-    elif t.precision == "fp32" and m.dtype == "float16":
+    elif precision == "fp32" and m.dtype == "float16":
         cfg["float16"] = True
 
     if m.load_in_8bit:

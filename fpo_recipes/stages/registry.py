@@ -12,7 +12,12 @@ A :class:`Stage` says, for any recipe:
   output is shared between recipes keeps it beside that output, so every recipe sees one run);
 - ``runner`` — ``"module:function"``, imported only when the stage runs, called as
   ``function(recipe, force) -> output path(s) | None``; ``force`` asks it to redo work its
-  own checks would reuse (``--from``, ``--only``, a stale previous run).
+  own checks would reuse (``--from``, ``--only``, a stale previous run);
+- ``self_checking`` — the runner itself decides, by the same definition as ``sections``,
+  what of its previous work is reusable (precompute: the cache fingerprint), so a stale
+  marker does not force it: an interrupted build resumes, a matching cache is kept;
+- ``intact(recipe)`` — optional cheap check that reused outputs are still usable (``None``
+  when they are, else why not; the stage then reruns).
 
 The planner and runner (:mod:`fpo_recipes.stages.run`) know nothing beyond this table, so
 adding a stage is one module with its runner plus one ``Stage(...)`` in :data:`PIPELINE`
@@ -44,6 +49,8 @@ class Stage:
     runner: str
     help: str
     marker_dir: Callable[[Recipe], Path] = lambda recipe: Path(recipe.output_dir)
+    self_checking: bool = False
+    intact: Callable[[Recipe], str | None] | None = None
 
     def run(self, recipe: Recipe, force: bool) -> Any:
         module, _, function = self.runner.partition(":")
@@ -145,15 +152,35 @@ def _precompute_not_needed(recipe: Recipe) -> str | None:
     return None
 
 
+def cache_dependencies(recipe: Recipe) -> dict[str, Any]:
+    """What the reference cache depends on: the cache fingerprint of each split it holds.
+
+    The one definition the stage plan and the precompute stage share (the stage reuses a
+    cache whose manifest carries exactly these). Beta, alpha, k, constraint weights and
+    precompute.batch_size are not in it: changing them keeps the cache."""
+    from fpo_recipes.data import has_eval_split
+
+    splits = ["train"] + (["eval"] if has_eval_split(recipe) else [])
+    return {split: cache_fingerprint(recipe, split) for split in splits}
+
+
 def _precompute_sections(recipe: Recipe) -> dict[str, Any]:
-    d = resolved_recipe(recipe)
-    return {
-        "model": {"name_or_path": d["model"]["name_or_path"], "revision": d["model"]["revision"]},  # tokenizer
-        **_pick(d, "reference", "sae", "data", "precompute"),
-        "pooling": d["objective"]["pooling"],
-        "constraints": d["constraints"],
-        "cache_fingerprint": cache_fingerprint(recipe),  # also covers data, model and SAE contents
-    }
+    return {"cache": cache_dependencies(recipe), "cache_dir": str(recipe.cache_dir)}
+
+
+def _cache_intact(recipe: Recipe) -> str | None:
+    """A look at the finished cache before reuse: manifest, files and their checksums, row count
+    (the cache is O(pairs x k) small, so hashing it is cheap next to a rerun)."""
+    from fpo_recipes.cache import CacheError
+    from fpo_recipes.cache.store import open_split, split_dir
+
+    for split, fp in cache_dependencies(recipe).items():
+        sdir = split_dir(recipe.cache_dir, split)
+        try:
+            open_split(sdir, fp, verify=True)
+        except CacheError as exc:
+            return f"the {split} cache is not usable: {str(exc).splitlines()[0]}"
+    return None
 
 
 # --- train and evaluate ---------------------------------------------------------------------
@@ -163,8 +190,10 @@ def _always_needed(recipe: Recipe) -> str | None:
 
 def _train_sections(recipe: Recipe) -> dict[str, Any]:
     d = resolved_recipe(recipe)
-    keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "precompute")
-    return {**_pick(d, *keys), "data_content": data_content(recipe)}
+    keys = ("model", "reference", "sae", "objective", "constraints", "data", "train")
+    # precompute.batch_size changes no cached value; the cache itself is upstream (its run id)
+    precompute = {k: v for k, v in d["precompute"].items() if k != "batch_size"}
+    return {**_pick(d, *keys), "precompute": precompute, "data_content": data_content(recipe)}
 
 
 def _evaluate_sections(recipe: Recipe) -> dict[str, Any]:
@@ -202,6 +231,8 @@ PIPELINE: tuple[Stage, ...] = (
         outputs=lambda recipe: [Path(recipe.cache_dir)],
         runner="fpo_recipes.stages.precompute:run_stage",
         help="one no-grad pass of the reference model: the offline reference cache",
+        self_checking=True,
+        intact=_cache_intact,
     ),
     Stage(
         name="train",
