@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from fpo_recipes.cli.main import app
 from fpo_recipes.recipe import RecipeError, load_and_check, load_recipe
 from fpo_recipes.stages import run as pipeline
+from fpo_recipes.stages.registry import cache_dependencies
 
 runner = CliRunner()
 
@@ -59,7 +60,8 @@ def test_set_overrides_values_show_and_fingerprints(tmp_path):
     # part of the train stage's fingerprint; not of the cache's (beta changes no cached value)
     beta = load_recipe(path, ["objective.beta=0.2"])
     assert pipeline.stage_fingerprint(beta, "train") != pipeline.stage_fingerprint(plain, "train")
-    assert pipeline.stage_sections(beta, "precompute")["cache_fingerprint"] == pipeline.stage_sections(plain, "precompute")["cache_fingerprint"]
+    assert cache_dependencies(beta) == cache_dependencies(plain)
+    assert cache_dependencies(load_recipe(path, ["data.max_length=4096"])) != cache_dependencies(plain)
     shown = runner.invoke(app, ["show", str(path), "--set", "objective.beta=0.2", "--set", "objective.k=8"])
     assert shown.exit_code == 0, shown.output
     assert shown.stdout.startswith("# --set objective.beta=0.2\n# --set objective.k=8\n")
