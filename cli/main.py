@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from fpo_recipes.cli import evaluate, features, precompute, quickstart, run, sae, train
+from fpo_recipes.cli import evaluate, export, features, precompute, quickstart, run, sae, train
 from fpo_recipes.cli.common import load_recipe_or_exit
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
 from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
@@ -83,5 +83,5 @@ def schema() -> None:
 
 
 # Stage commands live beside the stages they drive; each module adds itself to the app.
-for _module in (sae, precompute, train, evaluate, run, features, quickstart):
+for _module in (sae, precompute, train, evaluate, export, run, features, quickstart):
     _module.register(app)
