@@ -62,7 +62,7 @@ def run_recipe(name: str) -> float:
 
 
 def training_log(recipe) -> list[dict]:
-    state = recipe.output_dir / "trainer_state.json"
+    state = recipe.checkpoint_dir / "trainer_state.json"
     history = json.loads(state.read_text())["log_history"]
     keys = ("scale/constraint_share", "scale/constraint", "scale/preference", "missing_ref_features",
             "constraint/chosen", "constraint/rejected", "loss")

@@ -57,7 +57,7 @@ def _front_matter(recipe, record: dict, merged: bool) -> str:
 def _what(recipe, record: dict, merged: bool) -> str:
     lora = recipe.model.lora
     if record.get("adapter") and merged:
-        return "a full model: the LoRA adapter trained on it, merged into its (unquantised) weights"
+        return "a merged fine-tune (its trained LoRA adapter folded into the unquantised weights)"
     if record.get("adapter") == "qlora":
         return f"a QLoRA adapter (rank {lora.r if lora else 16}, trained on the 4-bit NF4-quantised base)"
     if record.get("adapter") == "lora":
