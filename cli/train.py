@@ -37,7 +37,8 @@ def train(
     try:
         out = run_train(recipe, launcher=launcher, launcher_args=launcher_args or None)
     except KeyboardInterrupt:
-        typer.echo(f"error: interrupted; a model in {recipe.output_dir} is only partly trained (hint: rerun `fpo train`)", err=True)
+        typer.echo(f"error: interrupted; training did not finish, {recipe.model_dir} is unchanged and {recipe.checkpoint_dir} holds "
+                   "what it saved (hint: rerun `fpo train`)", err=True)
         raise typer.Exit(130) from None
     except _train_errors() as exc:
         _fail(exc, axolotl_yaml_path(recipe))
