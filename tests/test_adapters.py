@@ -178,6 +178,10 @@ def test_lora_run_folder_loads_evaluates_exports_merges_and_uploads(tmp_path, ti
     assert record["adapter"] == "lora" and record["global_step"] == 2 and record["metrics"] is None
     card = (model_dir / "README.md").read_text()
     assert "trained from scratch" not in card and "LoRA adapter (rank 4, alpha 8)" in card and "not evaluated" in card.lower()
+    for named in ("**FPO**", f"`{tiny_model_dir}`", "`pairs.jsonl`", f"read from `{tiny_sae_dir.name}`", "layer 1, hook `resid_post`",
+                  "2 optimizer steps", "library_name: peft", "```yaml\n# The resolved recipe of tiny-fpo"):
+        assert named in card, named
+    assert yaml.safe_load(card.split("```yaml\n")[1].split("```")[0]) == yaml.safe_load((model_dir / "recipe.yaml").read_text())
 
     # plain transformers loads base + adapter and generates; the same model as peft's and ours
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
