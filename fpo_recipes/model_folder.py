@@ -104,8 +104,8 @@ def publish_model(recipe, fingerprint: str, sections: dict[str, Any]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         for item in sorted(source.iterdir()):
-            if not item.is_file() or item.name in TRAINER_FILES or item.name.startswith("."):
-                continue
+            if not item.is_file() or item.name in TRAINER_FILES or item.name.startswith((".", "fpo_")):
+                continue  # fpo_*: the train stage's own records of the checkpoints (which training wrote them)
             if adapter and item.name == "config.json":
                 continue  # the base's config: with it, AutoModelForCausalLM would look for full weights here
             os.replace(item, tmp / item.name)
