@@ -205,6 +205,11 @@ def trained_model_for(recipe, fingerprint: str, sections: dict[str, Any]) -> Pat
             raise ModelFolderError(
                 f"{model_dir} records no finished training ({RUN_RECORD} is missing) (hint: `{rerun}` trains the "
                 f"recipe; --model-dir {model_dir} evaluates that folder as it is)")
+        if training_finished(cp_dir) and has_weights(cp_dir):
+            raise ModelFolderError(
+                f"{cp_dir} holds a finished training that was not published to {model_dir} (as after a plain "
+                f"`axolotl train` of the generated YAML) (hint: --model-dir {cp_dir} evaluates it; `{rerun}` trains "
+                "and publishes the model)")
         cps = [c for c in checkpoints(cp_dir) if has_weights(c)]
         if cps:
             raise ModelFolderError(

@@ -256,6 +256,13 @@ def test_only_a_finished_model_of_this_recipe_is_evaluated(write_recipe, tiny_mo
     assert refusal() == (f"training of tiny-fpo did not finish: there is no {model_dir}, only checkpoints up to "
                          f"checkpoint-10 in {cp_dir} (hint: `fpo run {path}` resumes training from its latest checkpoint; "
                          f"--model-dir {cp_dir / 'checkpoint-10'} evaluates that checkpoint as it is)")
+    # a plain `axolotl train` of the generated YAML: finished, its final model left in checkpoints/
+    (cp_dir / "model.safetensors").write_bytes(b"")
+    _trainer_state(cp_dir)
+    assert refusal() == (f"{cp_dir} holds a finished training that was not published to {model_dir} (as after a plain "
+                         f"`axolotl train` of the generated YAML) (hint: --model-dir {cp_dir} evaluates it; `fpo run {path}` "
+                         "trains and publishes the model)")
+    (cp_dir / "trainer_state.json").unlink()
     # a model folder nothing vouches for (copied in by hand, or from an older fpo-recipes)
     _model_dir(model_dir)
     assert refusal().startswith(f"{model_dir} records no finished training (fpo_run.json is missing)")
