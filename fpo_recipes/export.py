@@ -152,7 +152,7 @@ def push_folder(folder: str | Path, recipe, api) -> str:
             api.create_branch(repo_id=spec.repo_id, repo_type="model", branch=spec.revision, exist_ok=True)
         info = api.upload_folder(repo_id=spec.repo_id, repo_type="model", folder_path=str(folder),
                                  revision=spec.revision, commit_message=message)
-    except (OSError, ValueError) as exc:  # huggingface_hub's HTTP errors are OSErrors
+    except Exception as exc:  # noqa: BLE001 - the network boundary: HTTP errors (OSErrors), httpx's transport errors, ...
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"export.push_to_hub: uploading {folder} to {spec.repo_id} failed: {reason} "
                           f"(hint: a token with write access in ${spec.token_env}, and the network)") from None
