@@ -254,6 +254,15 @@ def test_lora_run_folder_loads_evaluates_exports_merges_and_uploads(tmp_path, ti
     assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
     with pytest.raises(ExportError, match="must not overlap"):
         export_run(recipe.output_dir, model_dir / "export", push=False)
+    # RUN as the recipe file: its model/ only while this recipe is the one that trained it
+    folder, url = export_run(path, tmp_path / "from-recipe", push=False)
+    assert url is None and {p.name for p in folder.iterdir()} == exported
+    data = yaml.safe_load(path.read_text())
+    data["objective"]["beta"] = 0.3
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ExportError, match=r"was trained by a different recipe \(objective changed since\)"):
+        export_run(path, tmp_path / "stale", push=False)
+    assert not (tmp_path / "stale").exists()
 
 
 def test_adapter_of_another_base_is_refused_before_loading(tmp_path, tiny_model_dir, tiny_llama_dir, tiny_sae_dir,
