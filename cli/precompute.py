@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli.common import load_recipe_or_exit, set_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,7 @@ def precompute(
     force: bool = typer.Option(False, "--force", help="Rebuild the cache even if one exists (also when its inputs differ)."),
     shard_size: int | None = typer.Option(None, "--shard-size", min=1, help="Pairs per resumable shard (default 1024)."),
     device: str | None = typer.Option(None, "--device", help="Torch device (default: Accelerate's, i.e. this process's GPU or the CPU)."),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Run the reference model once over the pairs and write the reference cache.
 
@@ -34,6 +35,9 @@ def precompute(
     if (recipe_file is None) == (axolotl_config is None):
         typer.echo("error: give a recipe file or --axolotl-config AXOLOTL.yaml (one of them)", err=True)
         raise typer.Exit(1)
+    if axolotl_config is not None and overrides:
+        typer.echo("error: --set overrides a recipe file's fields (hint: with --axolotl-config, edit its fpo_* keys)", err=True)
+        raise typer.Exit(1)
     if axolotl_config is not None:
         from fpo_recipes.axolotl import AxolotlConfigError, recipe_from_axolotl_yaml
         from fpo_recipes.recipe import RecipeError
@@ -44,18 +48,28 @@ def precompute(
             typer.echo(str(exc), err=True)
             raise typer.Exit(1) from None
     else:
-        recipe = load_recipe_or_exit(recipe_file)
+        recipe = load_recipe_or_exit(recipe_file, overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from fpo_recipes.cache import CacheError, read_manifest, split_dir
+    from fpo_recipes.errors import describe_error
+    from fpo_recipes.ownership import FolderInUseError, folder_lock
     from fpo_recipes.sae import SAECompatError
     from fpo_recipes.stages.precompute import run_precompute
 
     try:
-        cache_dir = run_precompute(recipe, force=force, shard_size=shard_size, device=device)
+        with folder_lock(recipe.cache_dir, "precompute.cache_dir"):
+            cache_dir = run_precompute(recipe, force=force, shard_size=shard_size, device=device)
+    except FolderInUseError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     # OSError: a model or tokenizer that cannot be loaded (named by ModelLoadError), or the disk.
     except (CacheError, SAECompatError, ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        from fpo_recipes.cli.common import DEBUG
+
+        if DEBUG["on"]:
+            raise
+        typer.echo(describe_error(exc), err=True)
         raise typer.Exit(1) from None
     for split in ("train", "eval"):
         sdir = split_dir(cache_dir, split)

@@ -35,10 +35,11 @@ def adapter_config(path: str | Path) -> dict[str, Any]:
 
 
 def policy_location(recipe) -> str:
-    """Where the recipe's ``model`` loads from (a local folder, or a hub name)."""
+    """Where the policy's start loads from (a local folder, or a hub name): the base an adapter
+    was trained on (the SFT model when the recipe has `sft`, else ``model``)."""
     from fpo_recipes.models import resolve_model_path
 
-    return resolve_model_path(recipe.resolve_input(recipe.model.name_or_path), recipe.base_dir)
+    return resolve_model_path(recipe.resolve_input(recipe.start_model.name_or_path), recipe.base_dir)
 
 
 def _same_model(a: str | None, b: str | None) -> bool:
@@ -63,12 +64,12 @@ def check_adapter_base(recipe, model_dir: str | Path) -> None:
     if _same_model(named, expected):
         return
     record = read_run_record(model_dir) or {}
-    if record.get("base_model") and record["base_model"] == recipe.resolve_input(recipe.model.name_or_path):
+    if record.get("base_model") and record["base_model"] == recipe.resolve_input(recipe.start_model.name_or_path):
         return
     trained_on = record.get("base_model") or named
     raise AdapterError(
         f"model.name_or_path: {model_dir} is a LoRA adapter of {trained_on}, but the recipe's model is "
-        f"{recipe.model.name_or_path} ({expected}) (hint: set model.name_or_path to the adapter's base model, "
+        f"{recipe.start_model.name_or_path} ({expected}) (hint: set model.name_or_path to the adapter's base model, "
         "or use the recipe that trained it)"
     )
 
@@ -119,7 +120,7 @@ def load_trained_model(recipe, model_dir: str | Path, device=None, quantised: bo
         check_adapter_base(recipe, model_dir)
         kwargs = base_load_kwargs(recipe, quantised=quantised, device=device)
         with naming_the_model(recipe, "model"):
-            base = AutoModelForCausalLM.from_pretrained(policy_location(recipe), revision=recipe.model.revision, **kwargs)
+            base = AutoModelForCausalLM.from_pretrained(policy_location(recipe), revision=recipe.start_model.revision, **kwargs)
         try:
             model = PeftModel.from_pretrained(base, str(model_dir))
         except (RuntimeError, ValueError, KeyError) as exc:  # shapes or module names of another base
@@ -153,6 +154,6 @@ def reference_is_adapter_base(recipe) -> bool:
     loaded; under QLoRA that reference is the 4-bit base the adapter trains on."""
     if recipe.model.adapter != "lora":
         return False
-    ref, m = recipe.reference_model, recipe.model
+    ref, m = recipe.reference_model, recipe.start_model
     return (recipe.resolve_input(ref.name_or_path) == recipe.resolve_input(m.name_or_path)
             and ref.revision == m.revision and ref.dtype == m.dtype)

@@ -42,7 +42,8 @@ def _exported_fpo_fields(recipe, cfg: dict[str, Any]) -> dict[str, Any]:
 def _policy_location(recipe) -> str:
     from fpo_recipes.models import resolve_model_path
 
-    return resolve_model_path(recipe.resolve_input(recipe.model.name_or_path), recipe.base_dir)
+    start = recipe.start_model  # the SFT model when the recipe has `sft`
+    return resolve_model_path(recipe.resolve_input(start.name_or_path), recipe.base_dir)
 
 
 def default_attention(location: str, revision: str | None) -> dict[str, str]:
@@ -64,19 +65,23 @@ def build_axolotl_config(recipe) -> dict[str, Any]:
     m, t, d = recipe.model, recipe.train, recipe.data
     location = _policy_location(recipe)
     cfg: dict[str, Any] = {"base_model": location}
-    if m.revision:
-        cfg["revision_of_model"] = m.revision
+    revision = recipe.start_model.revision
+    if revision:
+        cfg["revision_of_model"] = revision
     if m.trust_remote_code:
         cfg["trust_remote_code"] = True
-    cfg.update(default_attention(location, m.revision))
+    cfg.update(default_attention(location, revision))
 
     # precision: train.precision is mixed precision, model.dtype the load dtype otherwise
-    cfg["bf16"] = t.precision == "bf16"
-    cfg["fp16"] = t.precision == "fp16"
+    from fpo_recipes.preflight import resolve_precision
+
+    precision, _ = resolve_precision(t.precision)
+    cfg["bf16"] = precision == "bf16"
+    cfg["fp16"] = precision == "fp16"
     cfg["tf32"] = False
-    if t.precision == "fp32" and m.dtype == "bfloat16":
+    if precision == "fp32" and m.dtype == "bfloat16":
         cfg["bfloat16"] = True
-    elif t.precision == "fp32" and m.dtype == "float16":
+    elif precision == "fp32" and m.dtype == "float16":
         cfg["float16"] = True
 
     if m.load_in_8bit:
@@ -114,14 +119,32 @@ def build_axolotl_config(recipe) -> dict[str, Any]:
         value = getattr(t, field.split(".")[1])
         if value is not None:  # max_steps / save_steps unset: Axolotl's own default
             cfg[key] = value
+    if t.warmup_ratio is not None:  # Axolotl takes one of the two
+        cfg.pop("warmup_steps")
     cfg["gradient_accumulation_steps"] = t.gradient_accumulation_steps
     cfg["lr_scheduler"] = t.scheduler
     cfg["optimizer"] = AXOLOTL_OPTIMIZERS.get(t.optimizer, t.optimizer)
-    # TensorBoard logging when the package is importable (HF Trainer refuses to start otherwise).
-    cfg["use_tensorboard"] = importlib.util.find_spec("tensorboard") is not None
+    cfg.update(tracker_keys(recipe))
 
     cfg.update(_exported_fpo_fields(recipe, cfg))
     return cfg
+
+
+def tracker_keys(recipe) -> dict[str, Any]:
+    """train.report_to as Axolotl's own tracker keys (tags: the plugin's fpo_tracker_tags,
+    which it hands to the trackers, as Axolotl has no key for them)."""
+    t = recipe.train
+    keys: dict[str, Any] = {
+        # only when the package is importable (HF Trainer refuses to start otherwise)
+        "use_tensorboard": "tensorboard" in t.report_to and importlib.util.find_spec("tensorboard") is not None,
+    }
+    if "wandb" in t.report_to:
+        keys.update(use_wandb=True, wandb_project=t.project or recipe.name, wandb_name=t.run_name or recipe.name)
+    if "mlflow" in t.report_to:
+        keys.update(use_mlflow=True, mlflow_experiment_name=t.project or recipe.name, mlflow_run_name=t.run_name or recipe.name)
+    if t.tags and {"wandb", "mlflow"} & set(t.report_to):
+        keys["fpo_tracker_tags"] = list(t.tags)
+    return keys
 
 
 def dump_axolotl_yaml(cfg: dict[str, Any], recipe=None) -> str:

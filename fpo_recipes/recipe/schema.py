@@ -64,6 +64,8 @@ def methods_where(flag: str) -> str:
 
 
 VERIFIER_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# train.report_to: the experiment trackers Axolotl reports to ("none": no tracker at all)
+REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
 METRICS = ("preference_accuracy", "seq_kl", "feature_mse", "entropy", "targeted_shift", "answer_accuracy", "win_rate")
 
 
@@ -337,7 +339,8 @@ class TrainSpec(Section):
     learning_rate: float = Field(5e-7, gt=0)
     batch_size: int = Field(32, ge=1)
     micro_batch_size: int = Field(1, ge=1)
-    warmup_steps: int = Field(150, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (default none; the paper's recipes use 150)")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="warm-up as a share of the total steps, instead of warmup_steps")
     scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = "constant_with_warmup"
     num_epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, ge=1)
@@ -345,13 +348,19 @@ class TrainSpec(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = True
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="mixed precision; auto: bf16 where this machine supports it, else fp32 (logged)")
     seed: int = 42
     output_dir: str | None = Field(None, description="defaults to runs/<name>")
     logging_steps: int = Field(1, ge=1)
     save_steps: int | None = Field(None, ge=1)
     save_total_limit: int | None = Field(
         None, ge=1, description="checkpoints kept in <output_dir>/checkpoints (the oldest are deleted); null keeps all")
+    report_to: list[Literal[REPORTERS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["tensorboard"], description="experiment trackers: tensorboard, wandb, mlflow, or [none]")
+    project: str | None = Field(None, description="wandb project / mlflow experiment (default: the recipe name)")
+    run_name: str | None = Field(None, description="the tracker's run name (default: the recipe name)")
+    tags: list[str] = Field(default_factory=list, description="tracker tags (wandb tags; mlflow tags, each set to true)")
 
     @model_validator(mode="after")
     def _accumulation(self) -> TrainSpec:
@@ -362,9 +371,59 @@ class TrainSpec(Section):
             )
         return self
 
+    @field_validator("report_to")
+    @classmethod
+    def _reporters(cls, v: list[str]) -> list[str]:
+        if "none" in v and len(v) > 1:
+            raise ValueError("none means no tracker; it cannot be combined with others (hint: report_to: [none], or drop none)")
+        if len(set(v)) != len(v):
+            raise ValueError("a tracker is listed twice (hint: list each once)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainSpec:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("warmup_ratio: give warmup_steps or warmup_ratio, not both (hint: drop one)")
+        return self
+
     @property
     def gradient_accumulation_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
+
+
+SFTDataFormat = Literal["conversation", "columns"]
+
+
+class SFTDataSource(Section):
+    """The SFT data: chat conversations, or prompt/response columns as plain text."""
+
+    path: str = Field(description="local .jsonl/.json/.parquet/.csv file, a saved datasets dir, or a hub data set name")
+    split: str = "train"
+    format: SFTDataFormat = Field(
+        "conversation", description="conversation: a list of {role, content} turns, rendered with data.chat_template and "
+        "trained on the assistant turns; columns: prompt + response as plain text, trained on the response")
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    limit: int | None = Field(None, ge=1, description="rows at most (the first ones)")
+
+
+class SFTSpec(TrainSpec):
+    """Supervised fine-tuning before preference optimisation (the `sft` stage, through Axolotl).
+
+    Its model is the policy's starting point and, without a `reference` section, the
+    reference. The optimisation fields mean what they mean in `train`; the model is trained
+    in full (model.adapter applies to the preference stage)."""
+
+    data: SFTDataSource
+    learning_rate: float = Field(2e-5, gt=0)
+    batch_size: int = Field(128, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = "cosine"
+    max_length: int | None = Field(None, ge=2, description="tokens per example (default data.max_length)")
+    output_dir: str | None = Field(
+        None, description="where the SFT model is kept (default runs/sft/<model>-<fingerprint>: shared by every "
+        "recipe with the same model, SFT data and SFT settings, so it is trained once)")
 
 
 class PrecomputeSpec(Section):
@@ -437,6 +496,28 @@ class ExportSpec(Section):
     push_to_hub: PushToHubSpec | None = Field(None, description="upload the exported folder after writing it")
 
 
+class SweepSpec(Section):
+    """`fpo sweep`'s grid (the --grid options add to it); each point is one run."""
+
+    grid: dict[str, list[Any]] = Field(
+        min_length=1, description="dotted recipe field -> the values to try, e.g. objective.beta: [0.05, 0.1]")
+
+    @field_validator("grid")
+    @classmethod
+    def _values(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [key for key, values in v.items() if not values]
+        if empty:
+            raise ValueError(f"{empty[0]}: no values to sweep (hint: list at least one, e.g. [0.05, 0.1])")
+        return v
+
+
+class ExtendsURL(Section):
+    """A base recipe fetched from a URL, pinned by the sha256 of its bytes."""
+
+    url: str = Field(pattern=r"^https?://", description="https:// (plain http only from localhost)")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="sha256 of the file's bytes; any other content is refused")
+
+
 class ModelRef(BaseModel):
     """The reference model, resolved: the `reference` section or else the policy's start."""
 
@@ -449,8 +530,11 @@ class Recipe(Section):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; used in default output paths")
     description: str = ""
-    extends: str | None = None
+    extends: str | ExtendsURL | None = Field(
+        None, description="base recipe: a path relative to this file, a shipped recipe name (fpo recipes list), "
+        "or {url, sha256}; this file's keys override its keys")
     model: ModelSpec
+    sft: SFTSpec | None = None
     reference: ReferenceSpec | None = None
     sae: SAESpec | None = None
     objective: ObjectiveSpec
@@ -460,10 +544,12 @@ class Recipe(Section):
     precompute: PrecomputeSpec = Field(default_factory=PrecomputeSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    sweep: SweepSpec | None = Field(None, description="grid for `fpo sweep`; ignored by every other command")
 
     _source_path: Path | None = PrivateAttr(None)
     _warnings: list[str] = PrivateAttr(default_factory=list)
     _origins: dict = PrivateAttr(default_factory=dict)  # key path → (file, line), set by the loader
+    _overrides: tuple[str, ...] = PrivateAttr(())  # the --set overrides the loader applied
 
     @field_validator("schema_version")
     @classmethod
@@ -505,7 +591,19 @@ class Recipe(Section):
                 f"{self.precompute.k_cache} must be >= objective.k ({o.k}) (hint: the cache stores the reference's top-k_cache features)"))
         if parsed("sae") and self.sae is not None and self.sae.known_width is not None and o.k > self.sae.known_width:
             problems.append((("objective", "k"), k_past_width(o.k, self.sae.known_width)))
+        if parsed("sft", "data") and self.sft is not None:
+            problems += self._sft_problems()
         return problems
+
+    def _sft_problems(self) -> list[tuple[tuple, str]]:
+        fmt, template = self.sft.data.format, self.data.chat_template
+        if fmt == "conversation" and template is None:
+            return [(("sft", "data", "format"), "conversation turns are rendered with data.chat_template, which is null "
+                     "(hint: set data.chat_template, or use format: columns for plain prompt + response text)")]
+        if fmt == "columns" and template is not None:
+            return [(("sft", "data", "format"), "columns are trained as plain prompt + response text, but the preference "
+                     "data uses data.chat_template (hint: use format: conversation, or data.chat_template: null)")]
+        return []
 
     # --- resolved views -------------------------------------------------------------
     @property
@@ -519,6 +617,11 @@ class Recipe(Section):
     @property
     def warnings(self) -> list[str]:
         return list(self._warnings)
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The ``--set`` overrides applied on top of the file (already in the values)."""
+        return self._overrides
 
     def resolve_input(self, value: str) -> str:
         """A relative local input path, resolved against the recipe's folder; hub names untouched."""
@@ -553,9 +656,19 @@ class Recipe(Section):
         return self.output_dir / CHECKPOINTS_DIRNAME
 
     @property
+    def start_model(self) -> ModelRef:
+        """The policy's starting model: the sft stage's output when the recipe has `sft`, else
+        `model` (see :func:`fpo_recipes.recipe.sft_location.policy_start`)."""
+        from fpo_recipes.recipe.sft_location import policy_start
+
+        return policy_start(self)
+
+    @property
     def reference_model(self) -> ModelRef:
-        source = self.reference or self.model
-        return ModelRef(name_or_path=source.name_or_path, revision=source.revision, dtype=source.dtype)
+        if self.reference is None:
+            return self.start_model
+        r = self.reference
+        return ModelRef(name_or_path=r.name_or_path, revision=r.revision, dtype=r.dtype)
 
     def objective_config(self):
         from fpo_recipes.objectives import ObjectiveConfig

@@ -264,7 +264,7 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
         "recipe_file": str(recipe.source_path) if recipe.source_path else None,
         "model_dir": str(model_dir),
         "adapter": _adapter_kind(recipe, model_dir),
-        "base_model": recipe.model.name_or_path,
+        "base_model": recipe.start_model.name_or_path,
         "reference_model": recipe.reference_model.name_or_path,
         "objective": recipe.objective.model_dump(mode="json"),
         "eval": {"split": split, "n_pairs": stats.n_pairs, "note": note, "metrics": sorted(wanted)},

@@ -36,8 +36,54 @@ def axolotl_yaml_path(recipe) -> Path:
     return Path(recipe.output_dir) / "axolotl.yaml"
 
 
-def export_axolotl_config(recipe, path: str | Path | None = None) -> Path:
-    """Write the Axolotl YAML that trains ``recipe`` (default: train.output_dir/axolotl.yaml)."""
+# Last line of a generated YAML: the sha256 of everything above it, so that a later run can
+# tell a hand-edited file (content no longer matches) from one the recipe has moved past.
+GENERATED_MARK = "# fpo-recipes generated, sha256 of the lines above: "
+
+
+def _generated_digest(text: str) -> tuple[str | None, str]:
+    """(recorded digest or None, the text above the mark)."""
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    if last.startswith(GENERATED_MARK):
+        return last.removeprefix(GENERATED_MARK).strip(), body + "\n"
+    return None, text
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _keep_hand_edits(path: Path, text: str) -> bool:
+    """Whether the YAML at ``path`` was edited by hand and the recipe has not changed since it
+    was generated (then it is kept, with a warning); an edited YAML the recipe has moved past
+    is set aside as ``<name>.edited`` before it is regenerated."""
+    if not path.is_file():
+        return False
+    old = path.read_text()
+    recorded, old_body = _generated_digest(old)
+    if old == text or (recorded is not None and _sha256(old_body) == recorded):
+        return False  # ours, unedited: (re)generate
+    if recorded == _sha256(_generated_digest(text)[1]):
+        new_cfg = yaml.safe_load(text) or {}
+        old_cfg = yaml.safe_load(old_body) or {}
+        changed = sorted(k for k in set(new_cfg) | set(old_cfg) if new_cfg.get(k) != old_cfg.get(k))
+        print(f"warning: {path} was edited by hand; training with it as edited (differs from the recipe in: "
+              f"{', '.join(changed) or 'comments only'}) (hint: delete it to regenerate it from the recipe)", file=sys.stderr)
+        return True
+    aside = path.with_name(path.name + ".edited")
+    path.replace(aside)
+    print(f"warning: the recipe changed since {path} was generated, and the file was edited by hand: regenerated it, "
+          f"the edited one is now {aside}", file=sys.stderr)
+    return False
+
+
+def export_axolotl_config(recipe, path: str | Path | None = None, keep_edits: bool = False) -> Path:
+    """Write the Axolotl YAML that trains ``recipe`` (default: train.output_dir/axolotl.yaml).
+
+    ``keep_edits`` (training): a file edited by hand since it was generated from this same
+    recipe is kept as it is, with a warning."""
     from fpo_recipes.axolotl import build_axolotl_config, dump_axolotl_yaml
 
     path = Path(path) if path is not None else axolotl_yaml_path(recipe)
@@ -48,7 +94,11 @@ def export_axolotl_config(recipe, path: str | Path | None = None) -> Path:
         snapshot = path.with_name(path.stem + ".recipe.yaml")
         atomic_write_text(snapshot, yaml.safe_dump(resolved_recipe_dict(recipe), sort_keys=False))
         cfg["fpo_recipe"] = str(snapshot.resolve())
-    atomic_write_text(path, dump_axolotl_yaml(cfg, recipe))
+    text = dump_axolotl_yaml(cfg, recipe)
+    text += f"{GENERATED_MARK}{_sha256(text)}\n"
+    if keep_edits and _keep_hand_edits(path, text):
+        return path
+    atomic_write_text(path, text)
     return path
 
 
@@ -80,8 +130,10 @@ def check_cache(recipe) -> None:
     if not cache_columns(recipe.objective.method):
         return  # simpo / online-reference methods read nothing from the cache
     from fpo_recipes.cache import open_cache
+    from fpo_recipes.ownership import register_cache_user
 
     open_cache(recipe, split="train")  # raises CacheMismatchError naming the differing input
+    register_cache_user(recipe)  # `fpo run` will not rebuild a cache another run folder trains on
 
 
 def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str] | None = None) -> Path:
@@ -91,8 +143,13 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
     from fpo_recipes.models import load_model_config
 
     load_model_config(recipe, "model")  # a missing or unloadable model: ModelLoadError, before Axolotl starts
+    if recipe.train.precision == "auto":
+        from fpo_recipes.preflight import resolve_precision
+
+        precision, why = resolve_precision("auto")
+        print(f"[train] precision {precision} ({why})")
     check_cache(recipe)
-    yaml_path = export_axolotl_config(recipe)
+    yaml_path = export_axolotl_config(recipe, keep_edits=True)
     from fpo_recipes.model_folder import publish_model, recipe_snapshot_text
     from fpo_recipes.stages.markers import fingerprint, marker_path
     from fpo_recipes.stages.run import stage_sections
