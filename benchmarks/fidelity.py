@@ -62,7 +62,7 @@ def run_recipe(name: str) -> float:
 
 
 def training_log(recipe) -> list[dict]:
-    state = recipe.output_dir / "trainer_state.json"
+    state = recipe.checkpoint_dir / "trainer_state.json"
     history = json.loads(state.read_text())["log_history"]
     keys = ("scale/constraint_share", "scale/constraint", "scale/preference", "missing_ref_features",
             "constraint/chosen", "constraint/rejected", "loss")
@@ -76,10 +76,11 @@ def missing_by_k_cache(recipe, k: int = 50, toward: float = 1.0) -> dict:
     (weights θref + toward·(θtrained − θref)): a smaller drift along the same direction."""
     import torch
 
+    from fpo_recipes.adapters import load_trained_model
     from fpo_recipes.evaluate import compute as C
     from fpo_recipes.models import load_reference_model, load_tokenizer
     from fpo_recipes.sae import load_saes
-    from fpo_recipes.stages.evaluate import _batches, eval_pairs, find_trained_model, load_trained_model
+    from fpo_recipes.stages.evaluate import _batches, eval_pairs, find_trained_model
 
     from fpo_recipes.data import tokenize_pairs
 
@@ -87,7 +88,7 @@ def missing_by_k_cache(recipe, k: int = 50, toward: float = 1.0) -> dict:
     ds, _, _ = eval_pairs(recipe, tokenizer)
     tokenized = tokenize_pairs(ds, tokenizer, recipe.data.max_length, recipe.data.max_prompt_length)
     reference = load_reference_model(recipe, device="cpu")
-    model_dir, _ = find_trained_model(recipe)
+    model_dir = find_trained_model(recipe)
     policy = load_trained_model(recipe, model_dir, device="cpu")
     if toward != 1.0:
         with torch.no_grad():

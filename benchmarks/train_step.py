@@ -18,6 +18,11 @@ subprocess, so peaks do not pollute each other:
     tdpo2_full     the same from both models' full logits (the naive TDPO-2)
     trl_dpo        TRL's DPOTrainer (online reference), external anchor
     trl_cpo_simpo  TRL's CPOTrainer (trl.experimental.cpo), loss_type=simpo, cpo_alpha=0
+    *_lora         the same as a LoRA adapter (peft, r 16, all linear layers): fpo_lora,
+                   simpo_lora, dpo_offline_lora, tdpo2_lora; tdpo2_lora's online reference is
+                   the policy with its adapter disabled (what the plugin does: no second
+                   copy), tdpo2_lora_copy the same with a separate frozen reference copy, the
+                   memory the adapter-disabled reference saves
 
 Then it prints one table with a ratio column to simpo and to tdpo2 after each metric, and a
 PASS/MISS line per target of the issue. Examples:
@@ -55,8 +60,11 @@ class Method:
     objective: str | None = None  # our ObjectiveConfig.method
     full_logits: bool = False
     online_reference: bool = False
+    lora: bool = False  # train a LoRA adapter (peft) on the frozen model
+    reference_copy: bool = False  # lora + online reference: a frozen copy instead of the adapter disabled
 
 
+LORA_RANK = 16
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -69,6 +77,12 @@ METHODS: dict[str, Method] = {
         Method("tdpo2_full", "tdpo2 (ours, full logits)", "ours", "tdpo2", full_logits=True, online_reference=True),
         Method("trl_dpo", "TRL DPOTrainer (online ref)", "trl", online_reference=True),
         Method("trl_cpo_simpo", "TRL CPOTrainer simpo", "trl"),
+        Method("fpo_lora", "fpo (ours, LoRA)", "ours", "fpo", lora=True),
+        Method("simpo_lora", "simpo (ours, LoRA)", "ours", "simpo", lora=True),
+        Method("dpo_offline_lora", "dpo (ours, LoRA, offline ref logps)", "ours", "dpo", lora=True),
+        Method("tdpo2_lora", "tdpo2 (ours, LoRA, ref = adapter disabled)", "ours", "tdpo2", online_reference=True, lora=True),
+        Method("tdpo2_lora_copy", "tdpo2 (ours, LoRA, ref = frozen copy)", "ours", "tdpo2", online_reference=True, lora=True,
+               reference_copy=True),
     )
 }
 REFERENCES = ["simpo", "tdpo2"]
@@ -97,7 +111,11 @@ def _objective(method: Method, shape: common.Shape, model, device: str, seed: in
     kwargs: dict[str, Any] = dict(full_logits=method.full_logits)
     if config.spec.needs_sae:
         kwargs.update(saes={shape.layer: common.build_sae(shape, device, seed)}, hook="resid_post")
-    ref = common.frozen_copy(model) if method.online_reference else None
+    if method.lora and method.online_reference and not method.reference_copy:
+        return PreferenceObjective(config, adapter_reference=True, **kwargs)  # the plugin's way: no copy
+    # a LoRA policy's reference copy is its base: the adapter merged away (B = 0 at the start)
+    ref = (common.frozen_copy(model).merge_and_unload() if method.lora else common.frozen_copy(model)) \
+        if method.online_reference else None
     if config.spec.needs_online_reference:
         return PreferenceObjective(config, ref_model=ref, **kwargs)
     if ref is None:
@@ -257,6 +275,15 @@ def _step_timer(opts, profile: bool):
     return StepTimer()
 
 
+def _with_lora(model):
+    """The model with a fresh LoRA adapter on every linear layer (peft's default init: B = 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 def run_one(method_name: str, opts) -> dict[str, Any]:
     """Build and train ``method_name`` for warmup + steps; return its measurements."""
     import torch
@@ -270,6 +297,8 @@ def run_one(method_name: str, opts) -> dict[str, Any]:
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bench-{method_name}-") as workdir:
         model = common.build_model(shape, opts.device, opts.precision, opts.seed, opts.attn)
+        if method.lora:
+            model = _with_lora(model)
         rows = common.make_pairs(opts.pairs, opts.seq_len, shape.vocab_size, opts.seed)
         trainer, parts = _build_trainer(method, opts, shape, model, rows, workdir)
         meter.reset_peak()  # CUDA: drop the setup's transient peak (e.g. the cache's reference pass)

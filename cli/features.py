@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
 @features_app.command("discover")
 def discover(
-    recipe_file: Path = typer.Argument(..., help="Recipe YAML (its reference model and SAE are used)."),
+    recipe_file: Path = typer.Argument(..., help="Recipe YAML (its SAE, and its reference model unless --model-dir)."),
     targets: str = typer.Option(..., "--targets", help="Target texts: .txt (one per line), .jsonl with a text column, or a data set."),
     contrast: str | None = typer.Option(None, "--contrast", help="Contrast texts (same formats); default: the recipe's training responses."),
     top: int = typer.Option(50, "--top", min=1, help="Candidates ranked by max single-token activation on the targets."),
@@ -29,12 +29,16 @@ def discover(
     max_length: int = typer.Option(256, "--max-length", min=2, help="Tokens per text."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
+    model_dir: Path | None = typer.Option(
+        None, "--model-dir", help="A trained model instead of the reference: e.g. runs/NAME/model (full, or a LoRA/QLoRA "
+        "adapter on the recipe's base)."),
     out: Path = typer.Option(..., "-o", "--out", help="Feature list to write, .json (with details) or .txt (one id per line); constraints[].features_file reads it."),
     overrides: list[str] = set_option(),
 ) -> None:
     """Rank SAE features on target texts and keep those that stand out against a contrast set."""
     from fpo_recipes.discovery import DiscoveryParams, check_features_path, discover_features, read_texts, write_features_file
     from fpo_recipes.models import ModelLoadError
+    from fpo_recipes.stages.evaluate import EvaluateError, check_model_dir
 
     recipe = load_recipe_or_exit(recipe_file, overrides)
     params = DiscoveryParams(top=top, ratio=ratio, min_z=min_z, max_length=max_length, batch_size=batch_size,
@@ -45,9 +49,15 @@ def discover(
         typer.echo(f"error: -o: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
+        if model_dir is not None:
+            check_model_dir(model_dir)
+    except EvaluateError as exc:
+        typer.echo(f"error: --model-dir: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
         target_texts = read_texts(targets, text_column, limit)
         contrast_texts = read_texts(contrast, text_column, limit) if contrast else None
-        result = discover_features(recipe, target_texts, contrast_texts, params, layer=layer, device=device)
+        result = discover_features(recipe, target_texts, contrast_texts, params, layer=layer, device=device, model_dir=model_dir)
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -46,7 +46,8 @@ def train(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        typer.echo(f"error: interrupted; a model in {recipe.output_dir} is only partly trained (hint: rerun `fpo train`)", err=True)
+        typer.echo(f"error: interrupted; training did not finish, {recipe.model_dir} is unchanged and {recipe.checkpoint_dir} holds "
+                   "what it saved (hint: rerun `fpo train`)", err=True)
         raise typer.Exit(130) from None
     except _train_errors() as exc:
         _fail(exc, axolotl_yaml_path(recipe))

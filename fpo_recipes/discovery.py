@@ -180,8 +180,11 @@ def rank_and_select(target_max: torch.Tensor, target_means: torch.Tensor, contra
 
 
 def discover_features(recipe: Recipe, targets: list[str], contrast: list[str] | None = None,
-                      params: DiscoveryParams | None = None, layer: int | None = None, device=None) -> dict:
-    """Run the reference model + SAE over the texts and select target-specific features."""
+                      params: DiscoveryParams | None = None, layer: int | None = None, device=None,
+                      model_dir: str | Path | None = None) -> dict:
+    """Run the reference model (or the trained model in ``model_dir``: full weights, or a
+    LoRA/QLoRA adapter on the recipe's base) + SAE over the texts and select target-specific
+    features."""
     from fpo_recipes.models import load_reference_model, load_tokenizer
     from fpo_recipes.sae import check_sae_compat, load_saes
 
@@ -198,8 +201,16 @@ def discover_features(recipe: Recipe, targets: list[str], contrast: list[str] | 
         contrast_source = "recipe training responses"
     if not contrast:
         raise ValueError("the contrast set is empty")
+    if model_dir is not None:
+        from fpo_recipes.adapters import check_adapter_base, is_adapter_dir, load_trained_model
+
+        if is_adapter_dir(model_dir):
+            check_adapter_base(recipe, model_dir)  # before the tokenizer and weights load
     tokenizer = load_tokenizer(recipe)
-    model = load_reference_model(recipe, device=device)
+    if model_dir is not None:
+        model = load_trained_model(recipe, model_dir, device=device)
+    else:
+        model = load_reference_model(recipe, device=device)
     saes = load_saes(recipe, device=device)
     check_sae_compat(saes, model.config, recipe.sae.layers, recipe.sae.hook)
     sae = saes[layer]
@@ -215,6 +226,7 @@ def discover_features(recipe: Recipe, targets: list[str], contrast: list[str] | 
                    "selection": "rank by max single-token activation on targets (BOS/padding/special tokens masked), "
                                 "keep mean_target > ratio * mean_contrast and welch z >= min_z"},
         "recipe": recipe.name,
+        "model": str(model_dir) if model_dir is not None else recipe.reference_model.name_or_path,
     }
 
 

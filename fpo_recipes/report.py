@@ -93,7 +93,8 @@ def render_report(result: Mapping) -> str:
     lines = [f"# Evaluation: {result.get('run', '?')} ({result.get('method', '?')})", ""]
     for w in result.get("warnings") or []:
         lines += [f"> **Warning:** {w}", ""]
-    lines.append(f"- trained model: `{result.get('model_dir')}`")
+    adapter = f" ({result['adapter']} adapter on `{result.get('base_model') or 'its base'}`)" if result.get("adapter") else ""
+    lines.append(f"- trained model: `{result.get('model_dir')}`{adapter}")
     lines.append(f"- reference: `{result.get('reference_model')}`")
     lines.append(f"- held-out pairs: {ev.get('n_pairs')} (split `{ev.get('split')}`)")
     if ev.get("note"):
@@ -192,7 +193,9 @@ def compare_rows(runs: Sequence[Mapping], with_reference: bool = True) -> list[t
         if names.count(name) > 1:
             name = f"{name} [{Path(run['_path']).parent.parent.name}]"
         method = run.get("method")
-        rows.append((f"{name} ({method})" if method and method not in name else name, dict(run.get("metrics", {}).get("trained", {}))))
+        kind = [method] if method and method not in name else []
+        kind += [run["adapter"]] if run.get("adapter") else []  # a LoRA / QLoRA run
+        rows.append((f"{name} ({', '.join(kind)})" if kind else name, dict(run.get("metrics", {}).get("trained", {}))))
     return rows
 
 

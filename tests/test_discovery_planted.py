@@ -227,3 +227,34 @@ def test_cli_refuses_an_output_the_recipe_cannot_read(planted_recipe, tmp_path, 
     assert (f"error: -o: {out}: a feature list file ends in .json (ids with their details) or .txt (one id per line)"
             in " ".join(result.output.split()))
     assert not out.exists()
+
+
+def test_discovery_on_a_trained_lora_adapter(planted_recipe, tiny_model_dir, tmp_path):
+    """--model-dir: a LoRA adapter runs on the recipe's base. A zero-initialised adapter (peft's
+    default) is the base exactly, so it finds what the reference finds; a trained one moves the
+    activations."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+
+    recipe = load_recipe(planted_recipe)
+    params = D.DiscoveryParams(top=10)
+    reference = D.discover_features(recipe, TARGETS, CONTRAST, params, device="cpu")
+    for name, init in (("zero", True), ("moved", False)):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                            init_lora_weights=init, task_type="CAUSAL_LM")
+        get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), config).save_pretrained(tmp_path / name)
+    same = D.discover_features(recipe, TARGETS, CONTRAST, params, device="cpu", model_dir=tmp_path / "zero")
+    assert same["details"] == reference["details"] and same["model"] == str(tmp_path / "zero")
+    moved = D.discover_features(recipe, TARGETS, CONTRAST, params, device="cpu", model_dir=tmp_path / "moved")
+    assert [d["mean_target"] for d in moved["details"]] != [d["mean_target"] for d in reference["details"]]
+
+    targets = tmp_path / "targets.txt"
+    targets.write_text("\n".join(TARGETS))
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["features", "discover", str(planted_recipe), "--targets", str(targets),
+                                      "--model-dir", str(tmp_path / "empty"), "-o", str(tmp_path / "f.json")])
+    assert result.exit_code == 2 and result.output.startswith("error: --model-dir: ") and not (tmp_path / "f.json").exists()

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 from fpo_recipes import plots
 from fpo_recipes.recipe import load_recipe
@@ -46,12 +47,23 @@ def _trainer_state(path, steps=4):
     log = [{"step": s, "epoch": s / steps, "loss": 0.7 - 0.05 * s, "rewards/accuracies": 0.5 + 0.1 * s,
             "learning_rate": 1e-3} for s in range(1, steps + 1)]
     log.append({"step": steps, "train_runtime": 1.0, "train_loss": 0.6})
+    path.mkdir(parents=True, exist_ok=True)
     (path / "trainer_state.json").write_text(json.dumps({"global_step": steps, "log_history": log}))
 
 
-NO_MARKER = ("{out} has no train.done.json and no trainer log of a finished training: evaluating {out}, "
-             "which may be a partly trained model (hint: finish training with `fpo run`, or pass --model-dir "
-             "to choose the model)")
+def _trained(recipe, src, noise: float = 0.0, seed: int = 1):
+    """What a finished `fpo train` of ``recipe`` leaves: the (perturbed) model saved by the trainer
+    into checkpoints/ with the log of a finished run, then published into model/ by the train stage."""
+    from fpo_recipes.model_folder import publish_model
+    from fpo_recipes.stages.markers import fingerprint
+    from fpo_recipes.stages.run import stage_sections
+
+    _trained_copy(src, recipe.checkpoint_dir, noise=noise, seed=seed)
+    _trainer_state(recipe.checkpoint_dir)
+    sections = stage_sections(recipe, "train")
+    return publish_model(recipe, fingerprint(sections), sections)
+
+
 JUDGE_IGNORED = ("evaluate.judge is set but evaluate.metrics has no win_rate, so no win rate is computed "
                  "(hint: add win_rate to evaluate.metrics, or remove evaluate.judge)")
 
@@ -59,11 +71,11 @@ JUDGE_IGNORED = ("evaluate.judge is set but evaluate.metrics has no win_rate, so
 def test_identical_model_gives_zero_kl_and_mse(write_recipe, tiny_model_dir, capsys):
     judge = {"endpoint": "http://judge.invalid/v1", "model": "judge", "baseline_run": "elsewhere"}
     recipe = load_recipe(write_recipe(data=DATA, constraints=TARGETED, evaluate={**EVAL, "judge": judge}))
-    _trained_copy(tiny_model_dir, recipe.output_dir)
+    _trained(recipe, tiny_model_dir)
     path = E.run_evaluate(recipe, device="cpu")
     result = json.loads(path.read_text())
-    # no train marker, no finished trainer log; a judge without win_rate: said, not silent
-    warnings = [NO_MARKER.format(out=recipe.output_dir), JUDGE_IGNORED]
+    # a judge without win_rate: said, not silent
+    warnings = [JUDGE_IGNORED]
     assert result["warnings"] == warnings
     err = capsys.readouterr().err.splitlines()
     assert [line for line in err if line.startswith("warning:")] == [f"warning: {w}" for w in warnings]
@@ -86,8 +98,7 @@ def test_identical_model_gives_zero_kl_and_mse(write_recipe, tiny_model_dir, cap
 
 def test_perturbed_model_writes_metrics_report_plots(write_recipe, tiny_model_dir):
     recipe = load_recipe(write_recipe(data=DATA, constraints=TARGETED, evaluate=EVAL))
-    model_dir = _trained_copy(tiny_model_dir, recipe.output_dir, noise=0.05)
-    _trainer_state(recipe.output_dir)
+    model_dir = _trained(recipe, tiny_model_dir, noise=0.05)
     path = E.run_evaluate(recipe, device="cpu")
     out = path.parent
     assert out == recipe.output_dir / "eval"
@@ -106,7 +117,7 @@ def test_perturbed_model_writes_metrics_report_plots(write_recipe, tiny_model_di
     share, c, p = t["constraint_share"], t["abs_constraint"], t["abs_preference"]
     assert c > 0 and p > 0 and share == pytest.approx(c / (c + p))
     assert result["metrics"]["reference"]["constraint_share"] == 0.0
-    # the only warning: a finished training is recorded in the trainer log there
+    # the only warning: the constraint's scale
     assert result["warnings"] == [
         f"the constraint is {share:.0%} of |u| on the held-out pairs (|constraint| {c:.3g} against |LPD − margin| "
         f"{p:.3g}): it, not the preference, drives the loss (hint: objective.pooling: mean keeps D on one scale; "
@@ -161,7 +172,7 @@ def test_answer_accuracy_win_rate_and_compare(write_recipe, tiny_model_dir, tmp_
     simpo = {"method": "simpo", "beta": 2.0, "gamma": 0.5, "alpha": None, "k": 4, "pooling": "mean"}
     a = load_recipe(write_recipe("a.yaml", objective=simpo, sae=None, data=DATA, evaluate=EVAL,
                                  train={"output_dir": str(tmp_path / "run_a")}))
-    _trained_copy(tiny_model_dir, a.output_dir, noise=0.03, seed=2)
+    _trained(a, tiny_model_dir, noise=0.03, seed=2)
     E.run_evaluate(a, device="cpu")
     ra = json.loads((a.output_dir / "eval" / "metrics.json").read_text())
     assert ra["metrics"]["reference"]["preference_accuracy"] is not None
@@ -174,7 +185,7 @@ def test_answer_accuracy_win_rate_and_compare(write_recipe, tiny_model_dir, tmp_
     evaluate = {**EVAL, "metrics": ["preference_accuracy", "seq_kl", "feature_mse", "entropy", "answer_accuracy", "win_rate"],
                 "judge": judge, "verifiers": ["test_evaluate_stage:even_length", "test_evaluate_stage:has_a_vowel"]}
     b = load_recipe(write_recipe("b.yaml", data=DATA, evaluate=evaluate, train={"output_dir": str(tmp_path / "run_b")}))
-    _trained_copy(tiny_model_dir, b.output_dir, noise=0.05)
+    _trained(b, tiny_model_dir, noise=0.05)
     result = CliRunner().invoke(app, ["evaluate", str(b.source_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "SeqKL chosen" in result.output
@@ -210,31 +221,66 @@ def test_missing_trained_model_is_a_clear_error(write_recipe):
     assert result.exit_code == 1 and "no trained model" in result.output
 
 
-def _model_dir(path):
+def _model_dir(path, weights: bool = True):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text("{}")
+    if weights:
+        (path / "model.safetensors").write_bytes(b"")
     return path
 
 
-def test_which_model_is_evaluated_and_when_to_warn(write_recipe):
-    recipe = load_recipe(write_recipe(data=DATA))
-    out = recipe.output_dir
-    # an interrupted run: only a checkpoint
-    cp = _model_dir(out / "checkpoint-4")
-    found, warning = E.find_trained_model(recipe)
-    assert found == cp and warning == NO_MARKER.format(out=out).replace(f"evaluating {out}", f"evaluating {cp}")
-    # a final model, but the trainer log there does not record the end of training
-    _model_dir(out)
-    (out / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 4, "loss": 0.5}]}))
-    assert E.find_trained_model(recipe) == (out, NO_MARKER.format(out=out))
-    # `fpo train` / `axolotl train` ran to the end: the log records train_runtime
-    _trainer_state(out)
-    assert E.find_trained_model(recipe) == (out, None)
-    # the train stage's marker names the model: trusted as it is
-    (out / "trainer_state.json").unlink()
-    final = _model_dir(out / "elsewhere")
-    (out / "train.done.json").write_text(json.dumps({"outputs": [str(final)]}))
-    assert E.find_trained_model(recipe) == (final, None)
+def test_only_a_finished_model_of_this_recipe_is_evaluated(write_recipe, tiny_model_dir):
+    """Issue 19's killed-training faults, evaluate's side: a config-only folder after a SIGKILL,
+    checkpoints of an unfinished run, a model of a changed recipe — each a one-line refusal saying
+    what to run, never an earlier run's weights."""
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+
+    path = write_recipe(data=DATA)
+    recipe = load_recipe(path)
+    cp_dir, model_dir = recipe.checkpoint_dir, recipe.model_dir
+
+    def refusal() -> str:
+        with pytest.raises(E.EvaluateError) as err:
+            E.find_trained_model(load_recipe(path))
+        return str(err.value)
+
+    # SIGKILL before the first save: Axolotl's pre-saved config and tokenizer only
+    _model_dir(cp_dir, weights=False)
+    assert refusal() == (f"training of tiny-fpo did not finish: there is no {model_dir}, and {cp_dir} holds no checkpoint "
+                         f"(hint: `fpo run {path}` trains it)")
+    # SIGKILL later: checkpoints, no final model
+    _model_dir(cp_dir / "checkpoint-2")
+    _model_dir(cp_dir / "checkpoint-10")
+    assert refusal() == (f"training of tiny-fpo did not finish: there is no {model_dir}, only checkpoints up to "
+                         f"checkpoint-10 in {cp_dir} (hint: `fpo run {path}` resumes training from its latest checkpoint; "
+                         f"--model-dir {cp_dir / 'checkpoint-10'} evaluates that checkpoint as it is)")
+    # a plain `axolotl train` of the generated YAML: finished, its final model left in checkpoints/
+    (cp_dir / "model.safetensors").write_bytes(b"")
+    _trainer_state(cp_dir)
+    assert refusal() == (f"{cp_dir} holds a finished training that was not published to {model_dir} (as after a plain "
+                         f"`axolotl train` of the generated YAML) (hint: --model-dir {cp_dir} evaluates it; `fpo run {path}` "
+                         "trains and publishes the model)")
+    (cp_dir / "trainer_state.json").unlink()
+    # a model folder nothing vouches for (copied in by hand, or from an older fpo-recipes)
+    _model_dir(model_dir)
+    assert refusal().startswith(f"{model_dir} records no finished training (fpo_run.json is missing)")
+    shutil.rmtree(model_dir)
+
+    # a finished training of this recipe: evaluated, and the CLI says nothing else
+    assert _trained(recipe, tiny_model_dir) == model_dir
+    assert E.find_trained_model(load_recipe(path)) == model_dir
+
+    # a retrain with another beta, killed before it finished: model/ is still the old recipe's
+    data = yaml.safe_load(path.read_text())
+    data["objective"]["beta"] = 0.3
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    message = refusal()
+    assert message == (f"{model_dir} was trained by a different recipe (objective changed since) (hint: `fpo run {path}` "
+                       f"trains this recipe; --model-dir {model_dir} evaluates that model anyway)")
+    result = CliRunner().invoke(app, ["evaluate", str(path)])
+    assert result.exit_code == 1 and result.output == f"error: {message}\n"
 
 
 def test_bad_model_dir_fails_before_anything_loads(write_recipe, tmp_path, monkeypatch):
@@ -261,14 +307,14 @@ def test_bad_model_dir_fails_before_anything_loads(write_recipe, tmp_path, monke
         E.run_evaluate(load_recipe(path), model_dir=empty)
 
 
-def test_trainer_log_prefers_output_dir_then_newest_checkpoint(write_recipe):
+def test_trainer_log_prefers_the_finished_runs_then_newest_checkpoint(write_recipe):
     recipe = load_recipe(write_recipe(data=DATA))
-    out = recipe.output_dir
+    out, model = recipe.checkpoint_dir, recipe.model_dir
     for n in (2, 10):  # 10 sorts before 2 as text: the newest is found by number
         _trainer_state(_model_dir(out / f"checkpoint-{n}"), steps=n)
-    assert E.find_trainer_state(recipe, out) == out / "checkpoint-10" / "trainer_state.json"
-    _trainer_state(_model_dir(out))  # saved after training: the whole log
-    assert E.find_trainer_state(recipe, out) == out / "trainer_state.json"
+    assert E.find_trainer_state(recipe, model) == out / "checkpoint-10" / "trainer_state.json"
+    _trainer_state(out)  # saved by the plugin after training: the whole log
+    assert E.find_trainer_state(recipe, model) == out / "trainer_state.json"
     # a checkpoint evaluated on purpose keeps its own log
     assert E.find_trainer_state(recipe, out / "checkpoint-2") == out / "checkpoint-2" / "trainer_state.json"
 

@@ -84,6 +84,32 @@ def count_language_models():
         PreTrainedModel.__init__ = original
 
 
+def live_language_models() -> list:
+    """Every *ForCausalLM module alive in this process (peft wrappers included)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and type(o).__name__.endswith("ForCausalLM")]
+
+
+def unique_parameter_count(models) -> int:
+    """Parameter elements held in memory by ``models``, each storage counted once (tied weights,
+    a peft wrapper and the model it wraps share theirs)."""
+    seen: dict[int, int] = {}
+    for model in models:
+        for p in model.parameters():
+            seen[p.untyped_storage().data_ptr()] = p.numel()
+    return sum(seen.values())
+
+
+def base_parameter_count(model_dir) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return unique_parameter_count([AutoModelForCausalLM.from_pretrained(model_dir)])
+
+
 @contextmanager
 def capture_trainers():
     """The trainers FPOPlugin.post_trainer_create sets up while active (to inspect after the run)."""
@@ -103,15 +129,15 @@ def capture_trainers():
         FPOPlugin.post_trainer_create = original
 
 
-def _log_history(output_dir: Path, step: int) -> list[dict]:
-    state = output_dir / f"checkpoint-{step}" / "trainer_state.json"
-    assert state.is_file(), f"no checkpoint at step {step} in {output_dir}"
+def _log_history(checkpoint_dir: Path, step: int) -> list[dict]:
+    state = checkpoint_dir / f"checkpoint-{step}" / "trainer_state.json"
+    assert state.is_file(), f"no checkpoint at step {step} in {checkpoint_dir}"
     return [h for h in json.loads(state.read_text())["log_history"] if "loss" in h]
 
 
-def _final_log(output_dir: Path) -> dict:
-    """output_dir/trainer_state.json, which the plugin saves when training ends."""
-    return json.loads((output_dir / "trainer_state.json").read_text())
+def _final_log(checkpoint_dir: Path) -> dict:
+    """checkpoints/trainer_state.json, which the plugin saves when training ends."""
+    return json.loads((checkpoint_dir / "trainer_state.json").read_text())
 
 
 def test_axolotl_cli_trains_fpo_with_the_plugin(make_recipe, fpo_cache):
@@ -127,7 +153,7 @@ def test_axolotl_cli_trains_fpo_with_the_plugin(make_recipe, fpo_cache):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = Path(recipe.output_dir)
+    out = Path(recipe.checkpoint_dir)  # the YAML's output_dir
     history = _log_history(out, 2)
     assert [h["step"] for h in history] == [1, 2]
     for entry in history:
@@ -136,6 +162,7 @@ def test_axolotl_cli_trains_fpo_with_the_plugin(make_recipe, fpo_cache):
     # step 1: policy == reference, so the cached log-probs and features match exactly
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert first["constraint/chosen"] == pytest.approx(0, abs=1e-4) and first["missing_ref_features"] == 0
+    # plain `axolotl train` leaves the final model where Axolotl saves it (fpo train moves it to model/)
     assert (out / "model.safetensors").is_file() and (out / "checkpoint-2" / "model.safetensors").is_file()
     assert _final_log(out)["log_history"][:2] == _log_history(out, 2)  # plugin's post_train ran there too
 
@@ -151,9 +178,10 @@ def test_fpo_loads_one_model_and_optimises(make_recipe, fpo_cache):
         train={"batch_size": 6, "micro_batch_size": 6, "max_steps": 15, "save_steps": 15, "learning_rate": 2e-2},
     )
     with count_language_models() as built, capture_trainers() as trainers:
-        out = run_train(recipe)
+        run_train(recipe)
     assert len(built) == 1, built  # no reference model: the cache stands in for it
     assert trainers[0].fpo_objective.ref_model is None and trainers[0].fpo_objective.saes
+    out = recipe.checkpoint_dir
     history = _log_history(out, 15)  # every step sees all 6 pairs
     assert [h["rewards/accuracies"] for h in history[-3:]] == [1.0, 1.0, 1.0]
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and history[-1]["loss"] < 0.3
@@ -164,38 +192,59 @@ def test_fpo_loads_one_model_and_optimises(make_recipe, fpo_cache):
     assert "train_runtime" in final["log_history"][-1]
 
 
+LORA = {"adapter": "lora", "lora": {"r": 4, "alpha": 8}}
+
+
 @pytest.mark.parametrize(
     "method,models,overrides",
     [
         ("dpo", 1, {}),
         ("simpo", 1, {"train": {"optimizer": "adamw_bnb_8bit"}}),
-        ("tdpo1", 2, {"model": {"adapter": "lora", "lora": {"r": 4, "alpha": 8}}}),
-        ("tdpo2", 2, {}),
-        ("simpo_kl", 2, {"model": {"adapter": "lora", "load_in_8bit": True}}),
-    ],
+        ("tdpo1", 1, {"model": LORA}),  # the online reference: the base with the adapter disabled
+        ("tdpo2", 2, {}),  # full fine-tuning: a frozen reference copy
+        ("simpo_kl", 1, {"model": {"adapter": "lora", "load_in_8bit": True}}),
+    ],  # QLoRA (4-bit) does not run on CPU: tests/test_adapters.py checks its configuration
+    ids=["dpo", "simpo-bnb8bit-optim", "tdpo1-lora", "tdpo2-full", "simpo_kl-lora-8bit"],
 )
-def test_baselines_train_through_the_plugin(make_recipe, method, models, overrides):
-    """Each baseline for 2 steps; also LoRA, 8-bit loading and a bitsandbytes 8-bit optimizer."""
+def test_baselines_train_through_the_plugin(make_recipe, tiny_model_dir, request, method, models, overrides):
+    """Each baseline for 2 steps; also LoRA, 8-bit loading and a bitsandbytes 8-bit
+    optimizer. Under an adapter the online reference is the policy's own base (one copy of the
+    weights in memory, counted); under full fine-tuning a separate frozen copy."""
     from fpo_recipes.stages.precompute import run_precompute
     from fpo_recipes.stages.train import run_train
 
-    recipe = make_recipe(f"{method}-run", method, **overrides)
+    recipe = make_recipe(request.node.callspec.id, method, **overrides)
     if method == "dpo":
         run_precompute(recipe, show_progress=False)
+    before = {id(m) for m in live_language_models()}
     with count_language_models() as built, capture_trainers() as trainers:
         out = run_train(recipe)
     assert len(built) == models, built
     trainer = trainers[0]
-    assert (trainer.fpo_objective.ref_model is not None) == (models == 2)
+    objective = trainer.fpo_objective
+    assert (objective.ref_model is not None) == (models == 2)
+    assert objective.adapter_reference == ("model" in overrides and objective.spec.needs_online_reference)
     _check_training_setup(trainer, overrides)
-    history = _log_history(out, 2)
+    quantised = any(overrides.get("model", {}).get(k) for k in ("load_in_4bit", "load_in_8bit"))
+    if not quantised:  # (packed 4-/8-bit weights have other element counts)
+        new = [m for m in live_language_models() if id(m) not in before]
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad) if "model" in overrides else 0
+        assert unique_parameter_count(new) == models * base_parameter_count(tiny_model_dir) + trainable
+    history = _log_history(recipe.checkpoint_dir, 2)
     assert len(history) == 2 and all(set(LOGGED) <= h.keys() for h in history)
     if method in ("dpo", "tdpo1", "tdpo2"):  # reference == policy at step 1
         assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     if method in ("tdpo1", "tdpo2", "simpo_kl"):
         assert {"constraint/chosen", "constraint/rejected"} <= history[-1].keys()
+    if objective.adapter_reference:
+        # the reference is the policy at step 1 (LoRA's B starts at 0), quantised or not (a full-precision
+        # reference against the quantised policy starts near 1e-2 here; bnb's int8 matmul takes another
+        # path in training mode than in eval mode, whence not exactly 0 under 8-bit)
+        assert history[0]["constraint/chosen"] == pytest.approx(0, abs=1e-4)
+        assert history[0]["constraint/rejected"] == pytest.approx(0, abs=1e-4)
     final = "adapter_model.safetensors" if "model" in overrides else "model.safetensors"
-    assert (out / final).is_file()
+    assert out == recipe.model_dir and (out / final).is_file()
 
 
 def _check_training_setup(trainer, overrides: dict) -> None:
@@ -207,10 +256,13 @@ def _check_training_setup(trainer, overrides: dict) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
     int8 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    int4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     model_overrides = overrides.get("model", {})
     assert bool(lora) == (model_overrides.get("adapter") == "lora")
     assert bool(int8) == bool(model_overrides.get("load_in_8bit"))
     assert all(m.weight.dtype == torch.int8 for m in int8)  # quantised on load, also on CPU
+    assert bool(int4) == bool(model_overrides.get("load_in_4bit"))
+    assert all(isinstance(m.weight, bnb.nn.Params4bit) and m.weight.quant_type == "nf4" for m in int4)
     if lora:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n for n in trainable), trainable
@@ -283,7 +335,7 @@ def test_plain_axolotl_yaml_trains_fpo_on_a_recipes_cache(write_recipe, tmp_path
     assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
 
     _train_in_process(plain)  # Axolotl's Python entry point: load_cfg + do_train
-    history = _log_history(Path(recipe.output_dir), 2)
+    history = _log_history(Path(recipe.checkpoint_dir), 2)
     assert [h["step"] for h in history] == [1, 2] and all(set(FPO_LOGGED) <= h.keys() for h in history)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert history[0]["constraint/chosen"] == pytest.approx(0, abs=1e-4) and history[0]["missing_ref_features"] == 0
@@ -336,7 +388,7 @@ def test_ctrl_c_in_process_raises_keyboard_interrupt(make_recipe, monkeypatch):
     from transformers import TrainerCallback
 
     from fpo_recipes.plugins.fpo import FPOPlugin
-    from fpo_recipes.stages.evaluate import find_trained_model
+    from fpo_recipes.stages.evaluate import EvaluateError, find_trained_model
     from fpo_recipes.stages.train import run_train
 
     class CtrlCAtStep1(TrainerCallback):
@@ -346,20 +398,21 @@ def test_ctrl_c_in_process_raises_keyboard_interrupt(make_recipe, monkeypatch):
 
     monkeypatch.setattr(FPOPlugin, "add_callbacks_post_trainer", lambda self, cfg, trainer: [CtrlCAtStep1()])
     recipe = make_recipe("simpo-ctrl-c", "simpo", train={"max_steps": 3, "save_steps": 3})
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, checkpoints = Path(recipe.output_dir), Path(recipe.checkpoint_dir)
+    checkpoints.mkdir(parents=True, exist_ok=True)
     # what an earlier, finished run left: its trainer log and `fpo run`'s marker
-    (out / "trainer_state.json").write_text(json.dumps({"log_history": [{"train_runtime": 9.0}]}))
-    (out / "train.done.json").write_text(json.dumps({"outputs": [str(out)]}))
+    (checkpoints / "trainer_state.json").write_text(json.dumps({"log_history": [{"train_runtime": 9.0}]}))
+    (out / "train.done.json").write_text(json.dumps({"outputs": [str(recipe.model_dir)]}))
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         run_train(recipe)
     assert signal.getsignal(signal.SIGINT) is before
-    assert (out / "model.safetensors").is_file()  # Axolotl's handler saved the step-1 model...
-    assert not (out / "trainer_state.json").exists() and not (out / "train.done.json").exists()
-    assert not (out / "checkpoint-3").exists()
-    found, warning = find_trained_model(recipe)  # ...which evaluate flags as partly trained
-    assert found == out and "may be a partly trained model" in warning
+    assert (checkpoints / "model.safetensors").is_file()  # Axolotl's handler saved the step-1 model...
+    assert not (checkpoints / "trainer_state.json").exists() and not (out / "train.done.json").exists()
+    assert not (checkpoints / "checkpoint-3").exists()
+    assert not recipe.model_dir.exists()  # ...which is not published as the run's model...
+    with pytest.raises(EvaluateError, match="training of simpo-ctrl-c did not finish"):
+        find_trained_model(recipe)  # ...nor evaluated
 
 
 def _raising(exc: Exception):

@@ -86,6 +86,7 @@ AXOLOTL_TRAIN_KEYS: dict[str, str] = {
     "seed": "train.seed",
     "logging_steps": "train.logging_steps",
     "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit",
 }
 # Recipe fields carried by Axolotl keys through a conversion (to_axolotl writes them,
 # from_axolotl reads them back); sections are named by the key that sets them.
@@ -136,6 +137,21 @@ RECIPE_SCHEDULERS = ("constant_with_warmup", "linear", "cosine", "constant")
 # Axolotl's own defaults where the plugin reads a key the YAML may leave out
 AXOLOTL_SEQUENCE_LEN = 512
 AXOLOTL_OUTPUT_DIR = "./model-out"
+
+
+def axolotl_output_dir(recipe) -> str:
+    """Axolotl's ``output_dir`` for a recipe: the run folder's ``checkpoints/`` (checkpoints and
+    the trainer log there; the train stage moves the final model to ``model/``)."""
+    return str(Path(recipe.checkpoint_dir).resolve())
+
+
+def recipe_output_dir(output_dir: str) -> str:
+    """``train.output_dir`` for Axolotl's ``output_dir``: the run folder whose ``checkpoints/``
+    it is (the inverse of :func:`axolotl_output_dir`), else the folder itself (a plain YAML)."""
+    from fpo_recipes.recipe.schema import CHECKPOINTS_DIRNAME
+
+    path = Path(str(output_dir))
+    return str(path.parent) if path.name == CHECKPOINTS_DIRNAME and str(path.parent) not in ("", ".") else str(output_dir)
 
 
 def constraints_view(recipe) -> list[dict[str, Any]]:

@@ -5,7 +5,6 @@ that the plugin could not infer from Axolotl's own keys is written out (see ``ke
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from typing import Any
 
 from fpo_recipes.axolotl.keys import (
@@ -14,6 +13,7 @@ from fpo_recipes.axolotl.keys import (
     DATASET_TYPE,
     PLUGIN_NAME,
     axolotl_dtype,
+    axolotl_output_dir,
     recipe_fpo_fields,
 )
 
@@ -114,7 +114,7 @@ def build_axolotl_config(recipe) -> dict[str, Any]:
     cfg["sample_packing"] = False
     cfg["remove_unused_columns"] = False
 
-    cfg["output_dir"] = str(Path(recipe.output_dir).resolve())
+    cfg["output_dir"] = axolotl_output_dir(recipe)
     for key, field in AXOLOTL_TRAIN_KEYS.items():
         value = getattr(t, field.split(".")[1])
         if value is not None:  # max_steps / save_steps unset: Axolotl's own default

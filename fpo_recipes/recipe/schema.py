@@ -27,6 +27,9 @@ from fpo_recipes.objectives.registry import METHODS
 from fpo_recipes.recipe.sae_sources import k_past_width
 
 SCHEMA_VERSION = 1
+# The run folder (train.output_dir): the final model and the trainer's checkpoints apart.
+MODEL_DIRNAME = "model"
+CHECKPOINTS_DIRNAME = "checkpoints"
 
 # Which method takes alpha, gamma or an SAE is the registry's to say (MethodSpec), not ours.
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -351,6 +354,8 @@ class TrainSpec(Section):
     output_dir: str | None = Field(None, description="defaults to runs/<name>")
     logging_steps: int = Field(1, ge=1)
     save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(
+        None, ge=1, description="checkpoints kept in <output_dir>/checkpoints (the oldest are deleted); null keeps all")
     report_to: list[Literal[REPORTERS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["tensorboard"], description="experiment trackers: tensorboard, wandb, mlflow, or [none]")
     project: str | None = Field(None, description="wandb project / mlflow experiment (default: the recipe name)")
@@ -473,6 +478,24 @@ class EvaluateSpec(Section):
         return self
 
 
+class PushToHubSpec(Section):
+    """Where `fpo export` uploads the exported folder (huggingface_hub's HfApi)."""
+
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", description="hub repository, owner/name")
+    private: bool = Field(True, description="create the repository private (an existing one keeps its visibility)")
+    revision: str | None = Field(None, description="branch to upload to (default: the repository's main branch)")
+    commit_message: str | None = Field(None, description="default: 'Upload <name> (<method>) trained with fpo-recipes'")
+    token_env: str = Field("HF_TOKEN", description="environment variable holding the access token")
+    endpoint: str | None = Field(None, description="hub URL for a self-hosted hub (default: huggingface_hub's own)")
+
+
+class ExportSpec(Section):
+    """`fpo export RUN [OUT]`: the folder one would upload, and optionally the upload."""
+
+    merge: bool = Field(False, description="adapters: write the adapter merged into its base as a full model")
+    push_to_hub: PushToHubSpec | None = Field(None, description="upload the exported folder after writing it")
+
+
 class SweepSpec(Section):
     """`fpo sweep`'s grid (the --grid options add to it); each point is one run."""
 
@@ -520,6 +543,7 @@ class Recipe(Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     precompute: PrecomputeSpec = Field(default_factory=PrecomputeSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     sweep: SweepSpec | None = Field(None, description="grid for `fpo sweep`; ignored by every other command")
 
     _source_path: Path | None = PrivateAttr(None)
@@ -618,6 +642,18 @@ class Recipe(Section):
     @property
     def cache_dir(self) -> Path:
         return Path(self.precompute.cache_dir or self.output_dir / "ref_cache")
+
+    # The run folder's layout (README "Run folder"): the model one loads and publishes, apart
+    # from the trainer's checkpoints.
+    @property
+    def model_dir(self) -> Path:
+        """The final model or LoRA adapter of the train stage, with its model card."""
+        return self.output_dir / MODEL_DIRNAME
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Axolotl's output_dir: checkpoint-N folders and the finished run's trainer log."""
+        return self.output_dir / CHECKPOINTS_DIRNAME
 
     @property
     def start_model(self) -> ModelRef:

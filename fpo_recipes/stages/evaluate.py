@@ -36,72 +36,50 @@ def _is_model_dir(p: Path) -> bool:
     return p.is_dir() and ((p / "config.json").is_file() or (p / "adapter_config.json").is_file())
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    cps = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(cps, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def check_model_dir(path: str | Path) -> Path:
     """``path`` as a model directory (full weights or a LoRA adapter), or a clear error."""
+    from fpo_recipes.model_folder import has_weights
+
     p = Path(path)
     if not p.exists():
         raise EvaluateError(f"{p} does not exist (hint: point it at a trained model directory)")
     if not _is_model_dir(p):
         raise EvaluateError(f"{p} is not a model directory: it has no config.json or adapter_config.json")
+    if not has_weights(p):
+        raise EvaluateError(f"{p} has a model config but no weights, as a training killed before its first save leaves "
+                            "(hint: point it at a checkpoint-N folder or a finished model)")
     return p
 
 
-def _training_finished(out: Path) -> bool:
-    """``out/trainer_state.json`` (saved after training) logs the end of training (train_runtime)."""
+def find_trained_model(recipe: Recipe) -> Path:
+    """``model_dir`` when it holds a finished training of this very recipe (its train stage's
+    fingerprint, recorded in ``model/fpo_run.json``); otherwise an EvaluateError saying what is
+    there instead — checkpoints of an unfinished training, a config-only folder, a model of a
+    changed recipe — and what to run. Never an earlier run's weights in silence."""
+    from fpo_recipes.model_folder import ModelFolderError, trained_model_for
+    from fpo_recipes.stages.markers import fingerprint
+    from fpo_recipes.stages.run import stage_sections
+
+    sections = stage_sections(recipe, "train")
     try:
-        history = json.loads((out / "trainer_state.json").read_text()).get("log_history", [])
-    except (OSError, ValueError, AttributeError):
-        return False
-    return any(isinstance(e, dict) and "train_runtime" in e for e in history)
-
-
-def find_trained_model(recipe: Recipe) -> tuple[Path, str | None]:
-    """The trained model directory and, when nothing says training finished, a warning.
-
-    Looked for in the train stage's recorded output (``train.done.json``), then ``output_dir``
-    itself or its ``final``/``model``, then its latest ``checkpoint-N``. Without the marker,
-    a model saved in ``output_dir`` counts as finished only when the trainer log there
-    records the end of training; anything else may be what an interrupted run left."""
-    out = recipe.output_dir
-    candidates: list[Path] = []
-    try:
-        marker = json.loads((out / "train.done.json").read_text())
-        candidates += [Path(p) for p in marker.get("outputs", [])]
-    except (OSError, ValueError):
-        marker = None
-    candidates += [out / "final", out / "model", out]
-    found = next((c for c in candidates if _is_model_dir(c)), None)
-    if found is None:
-        cps = [c for c in _checkpoints(out) if _is_model_dir(c)]
-        found = cps[-1] if cps else None
-    if found is None:
-        raise EvaluateError(f"no trained model under {out} (hint: run `fpo train` or `fpo run` on the recipe first)")
-    if marker is not None or (found in candidates and _training_finished(out)):
-        return found, None
-    return found, (
-        f"{out} has no train.done.json and no trainer log of a finished training: evaluating {found}, "
-        "which may be a partly trained model (hint: finish training with `fpo run`, or pass --model-dir "
-        "to choose the model)"
-    )
+        return trained_model_for(recipe, fingerprint(sections), sections)
+    except ModelFolderError as exc:
+        raise EvaluateError(str(exc)) from None
 
 
 def find_trainer_state(recipe: Recipe, model_dir: Path | None) -> Path | None:
-    """trainer_state.json with the training log: the model directory's own (a checkpoint, or a
-    model from elsewhere), ``output_dir``'s (saved after training, the whole log), else the
+    """trainer_state.json with the training log: the model directory's own (a checkpoint
+    evaluated on purpose), ``checkpoints/``'s (saved after training, the whole log), else the
     newest checkpoint's."""
-    roots = [p for p in (model_dir, recipe.output_dir) if p is not None]
+    from fpo_recipes.model_folder import checkpoints
+
+    roots = [p for p in (model_dir, recipe.checkpoint_dir) if p is not None]
     for root in roots:
         if (root / "trainer_state.json").is_file():
             return root / "trainer_state.json"
-    for root in roots:
-        for cp in reversed(_checkpoints(root)):
-            if (cp / "trainer_state.json").is_file():
-                return cp / "trainer_state.json"
+    for cp in reversed(checkpoints(recipe.checkpoint_dir)):
+        if (cp / "trainer_state.json").is_file():
+            return cp / "trainer_state.json"
     return None
 
 
@@ -118,39 +96,13 @@ def training_summary(state_path: Path | None) -> tuple[dict | None, list[dict]]:
     return {"source": str(state_path), "steps": len(steps), "global_step": state.get("global_step"), "final": final}, history
 
 
-# --- models --------------------------------------------------------------------------------
+# --- models (trained ones, full or LoRA/QLoRA adapters on their base: fpo_recipes.adapters) --
 def _device(device) -> Any:
     import torch
 
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_trained_model(recipe: Recipe, model_dir: Path, device=None):
-    """The trained policy (full weights, or a LoRA adapter on the recipe's base model), in
-    ``model.dtype``, eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from fpo_recipes.models import attention_kwargs, load_model_config, resolve_model_path, torch_dtype
-
-    dtype = torch_dtype(recipe.model.dtype)
-    config = load_model_config(recipe, "model")
-    kwargs = dict(dtype=dtype, trust_remote_code=recipe.model.trust_remote_code, **attention_kwargs(config))
-    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
-        from peft import PeftModel
-
-        start = recipe.start_model  # the model the adapter was trained on (the SFT model with `sft`)
-        base_path = resolve_model_path(recipe.resolve_input(start.name_or_path), recipe.base_dir)
-        base = AutoModelForCausalLM.from_pretrained(base_path, revision=start.revision, **kwargs)
-        model = PeftModel.from_pretrained(base, str(model_dir))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -218,12 +170,12 @@ def _baseline_generations(recipe: Recipe, baseline_run: str) -> dict[str, str]:
 # --- the stage -----------------------------------------------------------------------------
 def preflight(recipe: Recipe, model_dir: str | Path | None = None) -> tuple[Path, list[str]]:
     """Before anything loads: the model to evaluate (checked) and the warnings for the report."""
+    from fpo_recipes.adapters import check_adapter_base, is_adapter_dir
+
     warnings: list[str] = []
-    if model_dir is not None:
-        model_dir = check_model_dir(model_dir)
-    else:
-        model_dir, warning = find_trained_model(recipe)
-        warnings += [warning] if warning else []
+    model_dir = check_model_dir(model_dir) if model_dir is not None else find_trained_model(recipe)
+    if is_adapter_dir(model_dir):
+        check_adapter_base(recipe, model_dir)  # AdapterError: another base than the recipe's model
     if recipe.evaluate.judge is not None and "win_rate" not in recipe.evaluate.metrics:
         warnings.append("evaluate.judge is set but evaluate.metrics has no win_rate, so no win rate is computed "
                         "(hint: add win_rate to evaluate.metrics, or remove evaluate.judge)")
@@ -251,6 +203,7 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
     """Everything but the files: (metrics.json content, generation rows, trainer log)."""
     import torch
 
+    from fpo_recipes.adapters import load_trained_model
     from fpo_recipes.evaluate import compute as C
     from fpo_recipes.models import load_reference_model, load_tokenizer
 
@@ -310,6 +263,8 @@ def compute_evaluation(recipe: Recipe, model_dir: Path | None = None, device=Non
         "method": recipe.objective.method,
         "recipe_file": str(recipe.source_path) if recipe.source_path else None,
         "model_dir": str(model_dir),
+        "adapter": _adapter_kind(recipe, model_dir),
+        "base_model": recipe.start_model.name_or_path,
         "reference_model": recipe.reference_model.name_or_path,
         "objective": recipe.objective.model_dump(mode="json"),
         "eval": {"split": split, "n_pairs": stats.n_pairs, "note": note, "metrics": sorted(wanted)},
@@ -444,10 +399,23 @@ def _json_default(x):
         return str(x)
 
 
+def _adapter_kind(recipe: Recipe, model_dir: Path) -> str | None:
+    from fpo_recipes.adapters import is_adapter_dir
+    from fpo_recipes.model_folder import adapter_kind
+
+    return (adapter_kind(recipe) or "lora") if is_adapter_dir(model_dir) else None
+
+
 def run_evaluate(recipe: Recipe, model_dir: str | Path | None = None, device=None) -> Path:
-    """Evaluate the trained model of ``recipe`` against its reference; return metrics.json."""
+    """Evaluate the trained model of ``recipe`` against its reference; return metrics.json.
+    Evaluating the run's own ``model/`` also fills the headline metrics into its model card."""
+    from fpo_recipes.model_folder import record_metrics
+
     result, gen_rows, history = compute_evaluation(recipe, Path(model_dir) if model_dir else None, device=device)
-    return write_evaluation(recipe.output_dir / EVAL_DIRNAME, result, gen_rows, history)
+    path = write_evaluation(recipe.output_dir / EVAL_DIRNAME, result, gen_rows, history)
+    if Path(result["model_dir"]).resolve() == Path(recipe.model_dir).resolve():
+        record_metrics(recipe, recipe.model_dir, result)
+    return path
 
 
 def run_stage(recipe: Recipe, force: bool) -> Path:

@@ -239,7 +239,7 @@ PIPELINE: tuple[Stage, ...] = (
         upstream=("sft", "sae", "precompute"),
         not_needed=_always_needed,
         sections=_train_sections,
-        outputs=lambda recipe: [Path(recipe.output_dir)],
+        outputs=lambda recipe: [Path(recipe.model_dir)],
         runner="fpo_recipes.stages.train:run_stage",
         help="Axolotl training with the FPO plugin",
     ),

@@ -4,8 +4,11 @@ A thin dispatcher. The recipe is the source of truth: the Axolotl configuration 
 generated from it and written to ``<train.output_dir>/axolotl.yaml`` (reusable with plain
 ``axolotl train``); the reference cache is checked against the recipe's fingerprint before
 Axolotl loads anything; then Axolotl trains, in this process or as a subprocess
-(``axolotl train … --launcher python|accelerate|torchrun`` for multi-GPU). Checkpoints and
-the final model land in ``train.output_dir``.
+(``axolotl train … --launcher python|accelerate|torchrun`` for multi-GPU). Axolotl's
+``output_dir`` is the run folder's ``checkpoints/`` (checkpoint-N folders, the trainer log);
+once training has finished, its final model moves to ``model/`` with its record, resolved
+recipe and model card (:mod:`fpo_recipes.model_folder`). ``recipe.yaml`` in the run folder is
+the resolved recipe of the latest training started there.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def export_axolotl_config(recipe, path: str | Path | None = None, keep_edits: bo
     if not cfg.get("fpo_recipe"):
         # a recipe built in code has no file: the plugin reads a snapshot written beside the YAML
         snapshot = path.with_name(path.stem + ".recipe.yaml")
-        atomic_write_text(snapshot, yaml.safe_dump(_resolved_recipe_dict(recipe), sort_keys=False))
+        atomic_write_text(snapshot, yaml.safe_dump(resolved_recipe_dict(recipe), sort_keys=False))
         cfg["fpo_recipe"] = str(snapshot.resolve())
     text = dump_axolotl_yaml(cfg, recipe)
     text += f"{GENERATED_MARK}{_sha256(text)}\n"
@@ -99,7 +102,7 @@ def export_axolotl_config(recipe, path: str | Path | None = None, keep_edits: bo
     return path
 
 
-def _resolved_recipe_dict(recipe) -> dict:
+def resolved_recipe_dict(recipe) -> dict:
     """The recipe with every relative input path made absolute (it is read from elsewhere)."""
     d = recipe.to_yaml_dict()
     for section in ("model", "reference"):
@@ -134,7 +137,7 @@ def check_cache(recipe) -> None:
 
 
 def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str] | None = None) -> Path:
-    """Train ``recipe`` through Axolotl; return train.output_dir (final model inside)."""
+    """Train ``recipe`` through Axolotl; return ``model_dir``, the final model (or adapter)."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher: {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     from fpo_recipes.models import load_model_config
@@ -147,13 +150,17 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
         print(f"[train] precision {precision} ({why})")
     check_cache(recipe)
     yaml_path = export_axolotl_config(recipe, keep_edits=True)
-    output_dir = Path(recipe.output_dir)
+    from fpo_recipes.model_folder import publish_model, recipe_snapshot_text
+    from fpo_recipes.stages.markers import fingerprint, marker_path
+    from fpo_recipes.stages.run import stage_sections
+
+    sections = stage_sections(recipe, "train")
+    atomic_write_text(Path(recipe.output_dir) / "recipe.yaml", recipe_snapshot_text(recipe))
     # What says "training finished" must not outlive the model it describes: the plugin saves
     # this run's log at the end (post_train), `fpo run` writes its marker after success. Left
     # from an earlier run, either would make what an interrupted run saves look finished.
-    from fpo_recipes.stages.markers import marker_path
-
-    (output_dir / "trainer_state.json").unlink(missing_ok=True)
+    # (model/ stays until the new one replaces it: its record names the recipe that trained it.)
+    (Path(recipe.checkpoint_dir) / "trainer_state.json").unlink(missing_ok=True)
     marker_path(recipe, "train").unlink(missing_ok=True)
     if launcher == "inprocess":
         _train_in_process(yaml_path)
@@ -165,7 +172,7 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
         result = subprocess.run(cmd, env=env, check=False)  # noqa: S603 - our own interpreter and args
         if result.returncode != 0:
             raise RuntimeError(f"axolotl train {yaml_path} failed with exit status {result.returncode}")
-    return output_dir
+    return publish_model(recipe, fingerprint(sections), sections)
 
 
 def _train_in_process(yaml_path: Path) -> None:

@@ -22,12 +22,15 @@ the trainer without the model):
 - ``get_trainer_cls``: FPOTrainer, Axolotl's trainer with the objective as compute_loss.
 - ``get_collator_cls_and_kwargs``: FPOCollator (pairs + cache columns as tensors).
 - ``post_trainer_create``: loads the frozen SAE (fpo) or frozen online reference
-  (tdpo1/tdpo2/simpo_kl) onto the trainer's device and attaches the objective.
+  (tdpo1/tdpo2/simpo_kl) onto the trainer's device and attaches the objective. Under a
+  LoRA/QLoRA adapter whose base is the reference, no reference is loaded: the objective runs
+  the policy again with its adapter disabled (one copy of the base weights).
 - ``post_train``: saves the run's log as ``output_dir/trainer_state.json``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 from axolotl.integrations.base import BasePlugin
@@ -35,6 +38,8 @@ from axolotl.integrations.base import BasePlugin
 from .args import FPOArgs as FPOArgs
 
 __all__ = ["FPOArgs", "FPOPlugin"]
+# Axolotl's log keeps INFO records of loggers named axolotl.* only
+LOG = logging.getLogger("axolotl.integrations.fpo")
 
 # Axolotl keys that choose the attention kernel (an explicit choice is never overridden)
 _ATTENTION_KEYS = (
@@ -165,11 +170,18 @@ class FPOPlugin(BasePlugin):
             targeted = recipe.targeted_features()
             check_feature_ids(saes, list(targeted))
 
-        ref_model = None
+        ref_model, adapter_reference = None, False
         if spec.needs_online_reference:
-            from fpo_recipes.models import load_reference_model
+            from fpo_recipes.adapters import reference_is_adapter_base
 
-            ref_model = _prepare_reference(load_reference_model(recipe), trainer)
+            adapter_reference = reference_is_adapter_base(recipe) and callable(getattr(policy, "disable_adapter", None))
+            if not adapter_reference:
+                from fpo_recipes.models import load_reference_model
+
+                ref_model = _prepare_reference(load_reference_model(recipe), trainer)
+            LOG.info("fpo: online reference for %s: %s", config.method,
+                     "the policy's base with its adapter disabled (no second copy of the weights)" if adapter_reference
+                     else f"{recipe.reference_model.name_or_path}, loaded frozen")
 
         full_logits = cfg.get("fpo_full_logits")
         if full_logits is None:
@@ -181,6 +193,7 @@ class FPOPlugin(BasePlugin):
             hook=recipe.sae.hook if recipe.sae else "resid_post",
             targeted=targeted,
             ref_model=ref_model,
+            adapter_reference=adapter_reference,
             chunk_size=cfg.get("fpo_logprob_chunk_size") or 512,
             full_logits=full_logits,
         )

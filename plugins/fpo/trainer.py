@@ -6,14 +6,16 @@ stacked [2B, T], reads the last hidden state (never [B,T,V] logits unless asked 
 captures the SAE layer with ``fpo_recipes.hooks.capture_hidden`` — the same code the
 precompute stage used, so cache and training agree by construction — and takes the
 reference side from the cache (fpo, dpo), from nothing (simpo) or from a frozen online
-reference model (tdpo1, tdpo2, simpo_kl). ``FPOTrainer`` is Axolotl's own trainer with
-``compute_loss`` replaced, so optimizers, schedulers, checkpointing, adapters, gradient
-checkpointing and distributed launchers all stay Axolotl's.
+reference model (tdpo1, tdpo2, simpo_kl) — under a LoRA/QLoRA adapter, the policy's own
+weights with the adapter disabled, in the same step, so no second copy is loaded.
+``FPOTrainer`` is Axolotl's own trainer with ``compute_loss`` replaced, so optimizers,
+schedulers, checkpointing, adapters, gradient checkpointing and distributed launchers all
+stay Axolotl's.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -44,6 +46,8 @@ class PreferenceObjective:
     - ``saes``: layer → frozen sae-lens SAE (fpo only); ``hook``: resid_post | mlp_out | final_norm.
     - ``targeted``: feature id → weight w_i, sorted ids = the cache's target-value order.
     - ``ref_model``: frozen online reference (tdpo1, tdpo2, simpo_kl only).
+    - ``adapter_reference``: instead of ``ref_model``, the reference is the policy (a peft
+      model) with its adapter disabled and in eval mode: the same base weights, one copy.
     - ``full_logits``: read log-probs from the forward's logits (FSDP/ZeRO-3/LoRA'd head).
     """
 
@@ -56,12 +60,15 @@ class PreferenceObjective:
         ref_model=None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         full_logits: bool = False,
+        adapter_reference: bool = False,
     ):
         spec = config.spec
         if spec.needs_sae and not saes:
             raise ValueError(f"method {config.method} needs the SAE (sae: section / fpo_sae_*)")
-        if spec.needs_online_reference and ref_model is None:
+        if spec.needs_online_reference and ref_model is None and not adapter_reference:
             raise ValueError(f"method {config.method} needs the online reference model")
+        if adapter_reference and ref_model is not None:
+            raise ValueError("give ref_model or adapter_reference, not both")
         self.config, self.spec = config, spec
         self.saes = dict(saes or {}) if spec.needs_sae else {}
         self.layers = sorted(self.saes)
@@ -70,6 +77,7 @@ class PreferenceObjective:
         self.targeted_ids = torch.tensor(list(targeted), dtype=torch.long)
         self.targeted_weights = torch.tensor(list(targeted.values()), dtype=torch.float32)
         self.ref_model = ref_model
+        self.adapter_reference = adapter_reference and spec.needs_online_reference
         self.chunk_size = chunk_size
         self.full_logits = full_logits
 
@@ -89,11 +97,17 @@ class PreferenceObjective:
             out.hidden_states[-1], weight, labels, self.chunk_size, softcap=softcap, lm_head_bias=bias
         )
 
-    def _reference(self, labels, input_ids, attention_mask, policy_out, unwrapped):
-        """Online reference: its summed log-probs and SeqKL(πref ‖ πθ) per sequence."""
-        ref = self.ref_model
-        ref_unwrapped = getattr(ref, "module", ref)
-        with torch.no_grad():
+    def _reference(self, labels, input_ids, attention_mask, policy_out, unwrapped, model=None):
+        """Online reference: its summed log-probs and SeqKL(πref ‖ πθ) per sequence.
+
+        With ``adapter_reference`` the trainer's ``model`` (possibly wrapped) runs again with
+        the adapter disabled; else the separate ``ref_model`` runs."""
+        if self.adapter_reference:
+            ref, ref_unwrapped, context = (model if model is not None else unwrapped), unwrapped, adapter_disabled(unwrapped)
+        else:
+            ref, context = self.ref_model, nullcontext()
+            ref_unwrapped = getattr(ref, "module", ref)
+        with torch.no_grad(), context:
             ref_out = self._forward(ref, input_ids, attention_mask)
             ref_logps, _ = self._logps(ref_out, ref_unwrapped, labels)
         if self.full_logits:
@@ -175,7 +189,7 @@ class PreferenceObjective:
             ref = batch["ref_logps"].to(logps.device)
             pref.update(ref_chosen_logps=ref[:n], ref_rejected_logps=ref[n:])
         if self.spec.needs_online_reference:
-            ref_logps, seqkl = self._reference(labels, input_ids, attention_mask, out, unwrapped)
+            ref_logps, seqkl = self._reference(labels, input_ids, attention_mask, out, unwrapped, model)
             pref.update(ref_chosen_logps=ref_logps[:n], ref_rejected_logps=ref_logps[n:])
             pref.update(chosen_divergence=seqkl[:n], rejected_divergence=seqkl[n:])
         if self.spec.needs_sae:
@@ -192,6 +206,23 @@ class PreferenceObjective:
         metrics["logps/rejected"] = logps[n:].detach().mean()
         extras["losses"] = result.losses
         return result.loss, metrics, extras
+
+
+@contextmanager
+def adapter_disabled(peft_model):
+    """The peft model as its own frozen reference: every adapter off (peft's ``disable_adapter``:
+    each LoRA layer computes its base layer alone) and every module in eval mode (no dropout,
+    as a separately loaded reference runs); the modes are restored afterwards."""
+    if not callable(getattr(peft_model, "disable_adapter", None)):
+        raise TypeError(f"{type(peft_model).__name__} has no adapter to disable (adapter_reference needs a peft model)")
+    modes = [(module, module.training) for module in peft_model.modules()]
+    peft_model.eval()
+    try:
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 class _NoPerplexityLog(Trainer):
