@@ -16,3 +16,25 @@ def load_recipe_or_exit(path: Path) -> Recipe:
     except RecipeError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
+
+
+LAUNCHER_HELP = (
+    "inprocess (this process), python (axolotl train's own single process), accelerate or torchrun "
+    "(their own CLIs: several processes, several machines). Flags after -- go to the launcher "
+    "untouched, e.g. --launcher accelerate -- --multi_gpu --num_processes 2."
+)
+LAUNCHER_ARGS_HELP = "Launcher flags, after `--` (e.g. -- --num_processes 8, -- --config_file multi_node.yaml)."
+
+
+def launch_or_exit(launcher: str, launcher_args: list[str] | None):
+    """The Launch for `--launcher` and the flags after `--`, its process count read the way the
+    launcher reads them; a bad launcher or flag is one error line and exit 2."""
+    from fpo_recipes.stages.launch import Launch, LaunchError
+
+    try:
+        launch = Launch(launcher, tuple(launcher_args or ()))
+        launch.processes  # noqa: B018 - parse the flags now, before any work
+    except LaunchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return launch

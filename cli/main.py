@@ -85,3 +85,6 @@ def schema() -> None:
 # Stage commands live beside the stages they drive; each module adds itself to the app.
 for _module in (sae, precompute, train, evaluate, run, features, quickstart):
     _module.register(app)
+
+if __name__ == "__main__":  # `python -m fpo_recipes.cli.main`: how launched stages start `fpo` in each process
+    app()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit
 from fpo_recipes.stages.registry import PIPELINE
 
 _STAGE_NAMES = ", ".join(s.name for s in PIPELINE)
@@ -22,23 +22,28 @@ def run(
     from_stage: str | None = typer.Option(None, "--from", help=f"Rerun from this stage on: {_STAGE_NAMES}."),
     only: str | None = typer.Option(None, "--only", help=f"Run just this stage (forced): {_STAGE_NAMES}."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    launcher: str = typer.Option("inprocess", "--launcher", help=LAUNCHER_HELP + " Applies to precompute and train."),
+    launcher_args: list[str] = typer.Argument(None, help=LAUNCHER_ARGS_HELP),
 ) -> None:
     """Run a recipe end to end; stages whose outputs match the recipe are reused.
 
     Stages, in order: sae (train the SAE sae.train describes), precompute
     (the offline reference cache), train (Axolotl with the FPO plugin),
     evaluate. A stage the recipe does not need is skipped; the plan says
-    why."""
+    why. train.batch_size is the global batch: the plan shows its split into
+    micro-batch x accumulation x processes. An interrupted training resumes
+    from its last checkpoint on the next run."""
     from fpo_recipes.cli.evaluate import print_run
     from fpo_recipes.stages import run as pipeline
 
     recipe = load_recipe_or_exit(recipe_file)
+    launch = launch_or_exit(launcher, launcher_args)
     try:
         if dry_run:
-            plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only)
+            plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only, launch=launch)
             typer.echo(pipeline.format_plan(recipe, plans))
             return
-        results = pipeline.run_pipeline(recipe, from_stage=from_stage, only=only, echo=typer.echo)
+        results = pipeline.run_pipeline(recipe, from_stage=from_stage, only=only, echo=typer.echo, launch=launch)
     except pipeline.PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

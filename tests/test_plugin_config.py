@@ -23,7 +23,7 @@ def test_generated_config_keys(write_recipe, tmp_path):
     assert cfg["fpo_cache_dir"] == str((tmp_path / "cache").resolve())
     assert cfg["fpo_max_length"] == 64 and cfg["sequence_len"] == 64
     assert cfg["micro_batch_size"] == 2 and cfg["gradient_accumulation_steps"] == 1
-    assert cfg["output_dir"] == str((tmp_path / "run").resolve())
+    assert cfg["output_dir"] == str((tmp_path / "run" / "checkpoints").resolve())  # checkpoints apart from the model
     assert cfg["bf16"] is False and cfg["fp16"] is False and cfg["attn_implementation"] == "eager"
     assert cfg["sample_packing"] is False and cfg["remove_unused_columns"] is False
     assert cfg["datasets"][0]["type"] == "fpo_recipes.plugins.fpo.dataset"

@@ -127,7 +127,7 @@ def test_axolotl_cli_trains_fpo_with_the_plugin(make_recipe, fpo_cache):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = Path(recipe.output_dir)
+    out = Path(recipe.checkpoint_dir)  # Axolotl's output_dir
     history = _log_history(out, 2)
     assert [h["step"] for h in history] == [1, 2]
     for entry in history:
@@ -237,7 +237,7 @@ def test_cache_of_another_recipe_is_refused(make_recipe, fpo_cache):
     with pytest.raises(CacheMismatchError) as err:
         run_train(other)
     assert "data.max_length" in str(err.value)
-    assert not (Path(other.output_dir) / "checkpoint-2").exists()
+    assert not (Path(other.checkpoint_dir) / "checkpoint-2").exists()
 
     from typer.testing import CliRunner
 
@@ -283,7 +283,7 @@ def test_plain_axolotl_yaml_trains_fpo_on_a_recipes_cache(write_recipe, tmp_path
     assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
 
     _train_in_process(plain)  # Axolotl's Python entry point: load_cfg + do_train
-    history = _log_history(Path(recipe.output_dir), 2)
+    history = _log_history(Path(recipe.checkpoint_dir), 2)
     assert [h["step"] for h in history] == [1, 2] and all(set(FPO_LOGGED) <= h.keys() for h in history)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert history[0]["constraint/chosen"] == pytest.approx(0, abs=1e-4) and history[0]["missing_ref_features"] == 0
@@ -346,20 +346,20 @@ def test_ctrl_c_in_process_raises_keyboard_interrupt(make_recipe, monkeypatch):
 
     monkeypatch.setattr(FPOPlugin, "add_callbacks_post_trainer", lambda self, cfg, trainer: [CtrlCAtStep1()])
     recipe = make_recipe("simpo-ctrl-c", "simpo", train={"max_steps": 3, "save_steps": 3})
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, cdir = Path(recipe.output_dir), Path(recipe.checkpoint_dir)
+    cdir.mkdir(parents=True, exist_ok=True)
     # what an earlier, finished run left: its trainer log and `fpo run`'s marker
-    (out / "trainer_state.json").write_text(json.dumps({"log_history": [{"train_runtime": 9.0}]}))
-    (out / "train.done.json").write_text(json.dumps({"outputs": [str(out)]}))
+    (cdir / "trainer_state.json").write_text(json.dumps({"log_history": [{"train_runtime": 9.0}]}))
+    (out / "train.done.json").write_text(json.dumps({"outputs": [str(cdir)]}))
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         run_train(recipe)
     assert signal.getsignal(signal.SIGINT) is before
-    assert (out / "model.safetensors").is_file()  # Axolotl's handler saved the step-1 model...
-    assert not (out / "trainer_state.json").exists() and not (out / "train.done.json").exists()
-    assert not (out / "checkpoint-3").exists()
+    assert (cdir / "model.safetensors").is_file()  # Axolotl's handler saved the step-1 model...
+    assert not (cdir / "trainer_state.json").exists() and not (out / "train.done.json").exists()
+    assert not (cdir / "checkpoint-3").exists()
     found, warning = find_trained_model(recipe)  # ...which evaluate flags as partly trained
-    assert found == out and "may be a partly trained model" in warning
+    assert found == cdir and "may be a partly trained model" in warning
 
 
 def _raising(exc: Exception):

@@ -32,6 +32,7 @@ from fpo_recipes.axolotl.keys import (
     get_key,
     plain,
     recipe_fpo_fields,
+    recipe_output_dir,
 )
 from fpo_recipes.recipe.loader import RecipeError
 from fpo_recipes.recipe.sae_sources import uses_sae
@@ -326,7 +327,7 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
     }
 
     # train (the plugin does not read these; Axolotl trains with its own keys)
-    output_dir = str(get_key(cfg, "output_dir") or AXOLOTL_OUTPUT_DIR)
+    output_dir = recipe_output_dir(str(get_key(cfg, "output_dir") or AXOLOTL_OUTPUT_DIR))
     micro = get_key(cfg, "micro_batch_size")
     accumulation = get_key(cfg, "gradient_accumulation_steps")
     batch = micro * accumulation if isinstance(micro, int) and isinstance(accumulation, int) else get_key(cfg, "batch_size")

@@ -133,6 +133,21 @@ AXOLOTL_SEQUENCE_LEN = 512
 AXOLOTL_OUTPUT_DIR = "./model-out"
 
 
+def axolotl_output_dir(recipe) -> str:
+    """Axolotl's ``output_dir`` for a recipe: the run folder's ``checkpoints/`` (checkpoints and
+    the trainer log there; the train stage moves the final model to ``model/``)."""
+    return str(Path(recipe.checkpoint_dir).resolve())
+
+
+def recipe_output_dir(output_dir: str) -> str:
+    """``train.output_dir`` for Axolotl's ``output_dir``: the run folder whose ``checkpoints/``
+    it is (the inverse of :func:`axolotl_output_dir`), else the folder itself (a plain YAML)."""
+    from fpo_recipes.recipe.schema import CHECKPOINTS_DIRNAME
+
+    path = Path(str(output_dir))
+    return str(path.parent) if path.name == CHECKPOINTS_DIRNAME and str(path.parent) not in ("", ".") else str(output_dir)
+
+
 def constraints_view(recipe) -> list[dict[str, Any]]:
     """Constraints with feature files read: explicit ids, so the YAML stands alone."""
     from fpo_recipes.recipe.features_file import read_features_file

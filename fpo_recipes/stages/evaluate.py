@@ -63,10 +63,11 @@ def _training_finished(out: Path) -> bool:
 def find_trained_model(recipe: Recipe) -> tuple[Path, str | None]:
     """The trained model directory and, when nothing says training finished, a warning.
 
-    Looked for in the train stage's recorded output (``train.done.json``), then ``output_dir``
-    itself or its ``final``/``model``, then its latest ``checkpoint-N``. Without the marker,
-    a model saved in ``output_dir`` counts as finished only when the trainer log there
-    records the end of training; anything else may be what an interrupted run left."""
+    Looked for in the train stage's recorded output (``train.done.json``), then ``output_dir``'s
+    ``final``/``model``/``checkpoints`` (Axolotl's output_dir) or itself, then the latest
+    ``checkpoint-N``. Without the marker, a model saved there counts as finished only when the
+    trainer log beside it records the end of training; anything else may be what an
+    interrupted run left."""
     out = recipe.output_dir
     candidates: list[Path] = []
     try:
@@ -74,14 +75,15 @@ def find_trained_model(recipe: Recipe) -> tuple[Path, str | None]:
         candidates += [Path(p) for p in marker.get("outputs", [])]
     except (OSError, ValueError):
         marker = None
-    candidates += [out / "final", out / "model", out]
+    candidates += [out / "final", out / "model", recipe.checkpoint_dir, out]
     found = next((c for c in candidates if _is_model_dir(c)), None)
     if found is None:
-        cps = [c for c in _checkpoints(out) if _is_model_dir(c)]
+        cps = [c for c in _checkpoints(out) + _checkpoints(recipe.checkpoint_dir) if _is_model_dir(c)]
         found = cps[-1] if cps else None
     if found is None:
         raise EvaluateError(f"no trained model under {out} (hint: run `fpo train` or `fpo run` on the recipe first)")
-    if marker is not None or (found in candidates and _training_finished(out)):
+    log_dir = recipe.checkpoint_dir if found == recipe.checkpoint_dir else out  # where the trainer log is saved
+    if marker is not None or (found in candidates and _training_finished(log_dir)):
         return found, None
     return found, (
         f"{out} has no train.done.json and no trainer log of a finished training: evaluating {found}, "
@@ -94,7 +96,7 @@ def find_trainer_state(recipe: Recipe, model_dir: Path | None) -> Path | None:
     """trainer_state.json with the training log: the model directory's own (a checkpoint, or a
     model from elsewhere), ``output_dir``'s (saved after training, the whole log), else the
     newest checkpoint's."""
-    roots = [p for p in (model_dir, recipe.output_dir) if p is not None]
+    roots = [p for p in (model_dir, recipe.checkpoint_dir, recipe.output_dir) if p is not None]
     for root in roots:
         if (root / "trainer_state.json").is_file():
             return root / "trainer_state.json"

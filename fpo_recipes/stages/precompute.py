@@ -292,13 +292,53 @@ def _pair_ids_digest(pair_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()
 
 
-def run_stage(recipe, force: bool) -> Path:
+def run_stage(recipe, force: bool, launch=None) -> Path:
     """The pipeline's precompute stage (see stages/registry.py): the cache made to match the
-    recipe — one built from other inputs is rebuilt rather than refused."""
+    recipe — one built from other inputs is rebuilt rather than refused. Under a launcher the
+    processes share the shards (``fpo precompute`` in each, :func:`launch_precompute`)."""
     from fpo_recipes.cache import CacheMismatchError
 
+    if launch is not None and launch.subprocess:
+        return launch_precompute(recipe, launch, force=force, rebuild_other=True)
     try:
         return run_precompute(recipe, force=force)
     except CacheMismatchError as exc:
         print(f"[precompute] the existing cache was built from other inputs, rebuilding: {exc}")
         return run_precompute(recipe, force=True)
+
+
+def launch_precompute(recipe, launch, force: bool = False, shard_size: int | None = None, device: str | None = None,
+                      rebuild_other: bool = False) -> Path:
+    """``fpo precompute`` on the launcher's processes (each computes the shards
+    ``i % num_processes``, rank 0 joins them). A cache already up to date starts nothing; one
+    built from other inputs is refused (CacheMismatchError) unless ``rebuild_other``."""
+    from fpo_recipes.cache import CacheMismatchError
+    from fpo_recipes.data import has_eval_split
+    from fpo_recipes.stages.launch import run_child
+    from fpo_recipes.stages.train import recipe_file
+
+    pending = False
+    for split in ["train"] + (["eval"] if has_eval_split(recipe) else []):
+        sdir = store.split_dir(recipe.cache_dir, split)
+        try:
+            pending |= _split_state(sdir, cache_fingerprint(recipe, split), force) != "done"
+        except CacheMismatchError as exc:
+            if not rebuild_other:
+                raise
+            print(f"[precompute] the existing cache was built from other inputs, rebuilding: {exc}")
+            force = pending = True
+    if not pending:
+        log.info("reference cache %s is up to date; nothing to launch", recipe.cache_dir)
+        return Path(recipe.cache_dir)
+    argv = ["precompute", str(recipe_file(recipe))] + (["--force"] if force else [])
+    argv += ["--shard-size", str(shard_size)] if shard_size else []
+    argv += ["--device", device] if device else []
+    run_child(launch.module_command("fpo_recipes.cli.main", *argv), f"fpo precompute on {launch.describe()}")
+    for split in ["train"] + (["eval"] if has_eval_split(recipe) else []):  # what the processes left, not their exit status
+        try:
+            store.check_manifest(store.split_dir(recipe.cache_dir, split), cache_fingerprint(recipe, split), verify=False)
+        except CacheMissingError:
+            from fpo_recipes.stages.launch import StageInterrupted
+
+            raise StageInterrupted(f"precompute ended without a finished {split} cache; the next run resumes it") from None
+    return Path(recipe.cache_dir)

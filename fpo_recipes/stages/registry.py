@@ -10,7 +10,13 @@ A :class:`Stage` says, for any recipe:
 - ``outputs(recipe)`` — where its outputs go (checked to still exist before reuse);
 - ``runner`` — ``"module:function"``, imported only when the stage runs, called as
   ``function(recipe, force) -> output path(s) | None``; ``force`` asks it to redo work its
-  own checks would reuse (``--from``, ``--only``, a stale previous run).
+  own checks would reuse (``--from``, ``--only``, a stale previous run);
+- ``launched`` — the stage runs under ``--launcher`` (several processes, several machines):
+  its runner is called as ``function(recipe, force, launch)`` with the
+  :class:`~fpo_recipes.stages.launch.Launch`; other stages run in this process;
+- ``plan_note`` — optional ``"module:function"``, ``function(recipe, launch) -> str``: a line
+  the plan shows under the stage when it will run; a ``ValueError`` from it stops the run
+  before any stage starts (the train stage's batch split).
 
 The planner and runner (:mod:`fpo_recipes.stages.run`) know nothing beyond this table, so
 adding a stage is one module with its runner plus one ``Stage(...)`` in :data:`PIPELINE`
@@ -41,10 +47,20 @@ class Stage:
     outputs: Callable[[Recipe], list[Path]]
     runner: str
     help: str
+    launched: bool = False
+    plan_note: str | None = None
 
-    def run(self, recipe: Recipe, force: bool) -> Any:
-        module, _, function = self.runner.partition(":")
-        return getattr(importlib.import_module(module), function)(recipe, force)
+    def run(self, recipe: Recipe, force: bool, launch=None) -> Any:
+        function = _resolve(self.runner)
+        return function(recipe, force, launch) if self.launched else function(recipe, force)
+
+    def note(self, recipe: Recipe, launch) -> str | None:
+        return _resolve(self.plan_note)(recipe, launch) if self.plan_note else None
+
+
+def _resolve(name: str) -> Callable:
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 # --- what stages depend on -----------------------------------------------------------------
@@ -169,15 +185,18 @@ PIPELINE: tuple[Stage, ...] = (
         outputs=lambda recipe: [Path(recipe.cache_dir)],
         runner="fpo_recipes.stages.precompute:run_stage",
         help="one no-grad pass of the reference model: the offline reference cache",
+        launched=True,
     ),
     Stage(
         name="train",
         upstream=("sae", "precompute"),
         not_needed=_always_needed,
         sections=_train_sections,
-        outputs=lambda recipe: [Path(recipe.output_dir)],
+        outputs=lambda recipe: [Path(recipe.checkpoint_dir)],
         runner="fpo_recipes.stages.train:run_stage",
         help="Axolotl training with the FPO plugin",
+        launched=True,
+        plan_note="fpo_recipes.stages.train:plan_note",
     ),
     Stage(
         name="evaluate",
