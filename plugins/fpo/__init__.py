@@ -230,13 +230,20 @@ def _check_global_batch(cfg, recipe) -> None:
 
 
 def _cpu_device_map(cfg) -> None:
-    """Axolotl sets ``device_map = {"": LOCAL_RANK}`` for any multi-process run, an accelerator
-    index that transformers refuses without one: on a CPU-only host each process loads on the CPU."""
+    """A multi-process run on a host without an accelerator (gloo, e.g. CI): Axolotl sets
+    ``device_map = {"": LOCAL_RANK}``, an accelerator index transformers refuses, so each
+    process loads on the CPU; and the HF Trainer builds Accelerate's MULTI_CPU state only when
+    told to use the CPU (without it every process trains alone on the whole dataset)."""
+    import os
+
     import torch
 
+    if int(cfg.get("world_size") or 1) <= 1 or torch.cuda.is_available():
+        return
     device_map = cfg.get("device_map")
-    if int(cfg.get("world_size") or 1) > 1 and not torch.cuda.is_available() and isinstance(device_map, dict):
+    if isinstance(device_map, dict):
         cfg["device_map"] = {key: "cpu" for key in device_map}
+    os.environ["ACCELERATE_USE_CPU"] = "true"  # read by TrainingArguments when it sets up the processes
 
 
 def _zero_stage(trainer) -> int | None:
