@@ -22,6 +22,11 @@ so a release in between behaves like whichever side it resembles.
   ``reshard_after_forward``, ``activation_checkpointing``), which both turn into the same
   Accelerate FSDP environment (``setup_fsdp_envs``). ``deepspeed:`` (a file path; the stage
   read from its ``zero_optimization.stage``) is read the same way by both.
+- Accelerate's MULTI_CPU state (several gloo processes, no accelerator) names its device
+  ``cpu:0``, and the HF Trainer resuming on several processes loads the optimizer state with
+  ``map_location=args.device``, a location ``torch.load`` refuses ("don't know how to restore
+  data location ... cpu:0"), in both stacks. :func:`allow_indexed_cpu_location` makes
+  ``cpu:N`` mean the CPU; the plugin applies it on multi-process runs without an accelerator.
 - TRL 1.14's ``DPOTrainer._compute_loss`` also reads ``use_liger_kernel`` and ``_tp_size``;
   only the peer cross-check in tests/test_objectives_trl.py calls it (its stand-in sets both).
 
@@ -68,4 +73,21 @@ def axolotl_fsdp_keys(layer_classes: list[str], activation_checkpointing: bool) 
     return {"fsdp_version": 2, "fsdp_config": fsdp_config, "gradient_checkpointing": False}
 
 
-__all__ = ["axolotl_fsdp_keys", "gguf_dense_load_kwargs"]
+_INDEXED_CPU_REGISTERED = False
+
+
+def allow_indexed_cpu_location() -> None:
+    """Let ``torch.load(map_location="cpu:N")`` load onto the CPU (see the module docstring)."""
+    global _INDEXED_CPU_REGISTERED
+    if _INDEXED_CPU_REGISTERED:
+        return
+    import torch
+
+    def to_cpu(storage, location: str):
+        return storage.cpu() if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(5, lambda storage: None, to_cpu)  # before torch's own "cpu" (10)
+    _INDEXED_CPU_REGISTERED = True
+
+
+__all__ = ["allow_indexed_cpu_location", "axolotl_fsdp_keys", "gguf_dense_load_kwargs"]

@@ -119,7 +119,13 @@ def run_train(recipe, launch: Launch | None = None, fresh: bool = False) -> Path
         cmd += [f"--{key.replace('_', '-')}={value}" for key, value in overrides.items()]
         if launch.args:
             cmd += ["--", *launch.args]
-        run_child(cmd, f"axolotl train {yaml_path}")
+        try:
+            run_child(cmd, f"axolotl train {yaml_path}")
+        except RuntimeError as exc:  # e.g. a launcher whose ranks were signalled exits 1, not by the signal
+            latest = checkpoints.latest_complete(recipe.checkpoint_dir)
+            if latest is None:
+                raise
+            raise RuntimeError(f"{exc}; the next run of the same recipe and process count resumes from {latest.name}") from None
     problem = checkpoints.unfinished_reason(recipe)
     if problem is not None:
         latest = checkpoints.latest_complete(recipe.checkpoint_dir)

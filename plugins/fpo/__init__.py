@@ -244,6 +244,9 @@ def _cpu_device_map(cfg) -> None:
     if isinstance(device_map, dict):
         cfg["device_map"] = {key: "cpu" for key in device_map}
     os.environ["ACCELERATE_USE_CPU"] = "true"  # read by TrainingArguments when it sets up the processes
+    from fpo_recipes.compat import allow_indexed_cpu_location
+
+    allow_indexed_cpu_location()  # resuming loads the optimizer state onto Accelerate's "cpu:0"
 
 
 def _zero_stage(trainer) -> int | None:
