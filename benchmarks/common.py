@@ -338,6 +338,34 @@ class PeakMemory:
         return {"peak_bytes": int(peak - self.baseline), "peak_rss_bytes": int(peak), "baseline_bytes": int(self.baseline)}
 
 
+def start_profiler(device: str):
+    """A started torch.profiler over CPU (and CUDA) activity with memory; stop it with
+    ``prof.__exit__(None, None, None)`` and read it with :func:`profile_tables`."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=False)
+    prof.__enter__()
+    return prof
+
+
+def profile_tables(prof, device: str) -> str:
+    """The profile's operators by self time and by self memory (device time and memory on CUDA)."""
+    avg = prof.key_averages()
+    first = avg[0] if len(avg) else None
+    if device.startswith("cuda"):
+        # torch >= 2.4 names these self_device_*; older ones self_cuda_*
+        dev = "device" if first is None or hasattr(first, "self_device_time_total") else "cuda"
+        time_key, mem_key = f"self_{dev}_time_total", f"self_{dev}_memory_usage"
+    else:
+        time_key, mem_key = "self_cpu_time_total", "self_cpu_memory_usage"
+    by_time = avg.table(sort_by=time_key, row_limit=15)
+    by_mem = avg.table(sort_by=mem_key, row_limit=10)
+    return f"-- by self time --\n{by_time}\n-- by self memory --\n{by_mem}"
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch

@@ -126,6 +126,13 @@ def run(opts) -> dict[str, Any]:
                                     opts.repeats, opts.device)
         floor_peak = _peak_of(lambda: _floor_pass(model, collated, opts.device), opts.device)
         stage_peak = _peak_of(lambda: _stage_pass(model, saes, rows, opts, shape, workdir, next(counter)), opts.device)
+        if opts.profile:  # one extra, unmeasured pass of each under torch.profiler
+            for name, fn in (("floor", lambda: _floor_pass(model, collated, opts.device)),
+                             ("precompute", lambda: _stage_pass(model, saes, rows, opts, shape, workdir, next(counter)))):
+                prof = common.start_profiler(opts.device)
+                fn()
+                prof.__exit__(None, None, None)
+                results.setdefault("profiles", {})[name] = common.profile_tables(prof, opts.device)
 
         # The finished cache as training reads it (store.finalize joins shards into a datasets
         # directory). Per-pair bytes are marginal: (size of 2n rows - size of n rows) / n, so
@@ -214,6 +221,8 @@ def report(results: dict[str, Any], opts, env: dict[str, Any], argv: list[str]) 
         "targets:",
         *[t.line() for t in targets(results, opts)],
     ]
+    for name, table in results.get("profiles", {}).items():
+        lines += ["", f"### profile of one {name} pass (after the measured ones)", table]
     return "\n".join(lines)
 
 
@@ -230,6 +239,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--attn", default="eager")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="torch.profiler over one extra pass of each (tables in the report)")
     p.add_argument("--json", default=None)
     opts = p.parse_args(argv)
     shape = common.SHAPES[opts.shape]

@@ -238,7 +238,7 @@ def _step_timer(opts, profile: bool):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if profile and state.global_step == opts.warmup + opts.steps:  # the extra step
-                self._prof = _start_profiler(opts.device)
+                self._prof = common.start_profiler(opts.device)
             common.sync(opts.device)
             self._t0 = time.perf_counter()
 
@@ -247,7 +247,7 @@ def _step_timer(opts, profile: bool):
             self.times.append(time.perf_counter() - self._t0)
             if self._prof is not None:
                 self._prof.__exit__(None, None, None)
-                self.profile_table = _profile_tables(self._prof, opts.device)
+                self.profile_table = common.profile_tables(self._prof, opts.device)
                 self._prof = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -255,25 +255,6 @@ def _step_timer(opts, profile: bool):
                 self.losses.append(float(logs["loss"]))
 
     return StepTimer()
-
-
-def _start_profiler(device: str):
-    import torch
-
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    prof = torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=False)
-    prof.__enter__()
-    return prof
-
-
-def _profile_tables(prof, device: str) -> str:
-    cuda = device.startswith("cuda")
-    avg = prof.key_averages()
-    by_time = avg.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15)
-    by_mem = avg.table(sort_by="self_cuda_memory_usage" if cuda else "self_cpu_memory_usage", row_limit=10)
-    return f"-- by self time --\n{by_time}\n-- by self memory --\n{by_mem}"
 
 
 def run_one(method_name: str, opts) -> dict[str, Any]:
@@ -575,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         r = results[name]
         status = f"{r['step_s']:.3f} s/step, peak {common.fmt_bytes(r['peak_bytes'])}" if r.get("ok") else r.get("error")
         print(f"[train_step] {name}: {status}", file=sys.stderr, flush=True)
+        # so far, for a caller that stops this run at a time limit (benchmarks/gpu_suite.py)
+        common.write_json(opts.json, {"partial": True, "options": vars(opts), "results": results})
     env = common.environment(opts.device)
     text = report(results, opts, env, argv)
     print(text)

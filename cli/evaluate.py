@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli.common import load_recipe_or_exit, set_option
 
 
 def register(app: typer.Typer) -> None:
@@ -18,10 +18,11 @@ def evaluate(
     recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
     model_dir: Path | None = typer.Option(None, "--model-dir", help="Trained model to evaluate (default: the train stage's output)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Paper metrics of the trained model against its reference: metrics.json, report.md and plots."""
 
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     from fpo_recipes.models import ModelLoadError
     from fpo_recipes.stages.evaluate import EvaluateError, check_model_dir, run_evaluate
 
@@ -70,16 +71,23 @@ def compare(
     out: Path = typer.Option(Path("compare.md"), "-o", "--out", help="Markdown table to write; the figure goes beside it (.png)."),
 ) -> None:
     """Put several runs (FPO vs baselines) side by side: one table and one figure."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from fpo_recipes.report import compare_runs, fmt, label
+    from fpo_recipes.report import compare_runs
 
     try:
         result = compare_runs(run_dirs, out)
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    print_compare(result)
+
+
+def print_compare(result: dict) -> None:
+    """compare_runs' result as a table, and where it was written."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fpo_recipes.report import fmt, label
+
     table = Table(title="Run comparison")
     table.add_column("run")
     for key in result["keys"]:

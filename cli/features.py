@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli.common import load_recipe_or_exit, set_option
 
 features_app = typer.Typer(name="features", help="SAE feature tools for targeted constraints.", no_args_is_help=True)
 
@@ -30,12 +30,13 @@ def discover(
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
     out: Path = typer.Option(..., "-o", "--out", help="Feature list to write, .json (with details) or .txt (one id per line); constraints[].features_file reads it."),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Rank SAE features on target texts and keep those that stand out against a contrast set."""
     from fpo_recipes.discovery import DiscoveryParams, check_features_path, discover_features, read_texts, write_features_file
     from fpo_recipes.models import ModelLoadError
 
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     params = DiscoveryParams(top=top, ratio=ratio, min_z=min_z, max_length=max_length, batch_size=batch_size,
                              text_column=text_column, limit=limit)
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 import yaml
 
-from fpo_recipes.cli import evaluate, features, precompute, quickstart, run, sae, train
-from fpo_recipes.cli.common import load_recipe_or_exit
+from fpo_recipes.cli import evaluate, features, precompute, quickstart, recipes, run, sae, sweep, train
+from fpo_recipes.cli.common import load_recipe_or_exit, set_option
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
 from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
 
@@ -19,7 +19,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"fpo-recipes {version('fpo-recipes')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Feature-level constrained preference optimisation recipes: validate, then run (sae, precompute, train, evaluate)."""
 
 
 def _summary(recipe: Recipe) -> str:
@@ -52,12 +68,15 @@ def _summary(recipe: Recipe) -> str:
 
 
 @app.command()
-def validate(files: list[Path] = typer.Argument(..., help="Recipe YAML files to check.")) -> None:
+def validate(
+    files: list[Path] = typer.Argument(..., help="Recipe YAML files to check."),
+    overrides: list[str] = set_option(),
+) -> None:
     """Check recipes before spending compute: schema, method rules, and offline shape checks."""
     failed = False
     for path in files:
         try:
-            recipe = load_and_check(path)
+            recipe = load_and_check(path, tuple(overrides or ()))
         except RecipeError as exc:
             failed = True
             for issue in exc.issues:
@@ -70,20 +89,30 @@ def validate(files: list[Path] = typer.Argument(..., help="Recipe YAML files to 
 
 
 @app.command()
-def show(file: Path = typer.Argument(..., help="Recipe YAML file.")) -> None:
-    """Print the fully resolved recipe (extends and defaults applied) as YAML."""
-    recipe = load_recipe_or_exit(file)
+def show(
+    file: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: list[str] = set_option(),
+) -> None:
+    """Print the fully resolved recipe (extends, --set overrides and defaults applied) as YAML."""
+    recipe = load_recipe_or_exit(file, overrides)
+    for override in recipe.overrides:
+        typer.echo(f"# --set {override}")
     typer.echo(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False), nl=False)
 
 
 @app.command()
-def schema() -> None:
-    """Print the recipe's JSON Schema (for editor completion)."""
-    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+def schema(
+    fragment: bool = typer.Option(False, "--fragment", help="The schema of any recipe file, partial ones with extends included "
+                                  "(nothing required); default: a complete, resolved recipe, with the method rules."),
+) -> None:
+    """Print the recipe's JSON Schema (for editor completion and other tools)."""
+    from fpo_recipes.recipe.json_schema import recipe_json_schema
+
+    typer.echo(json.dumps(recipe_json_schema("fragment" if fragment else "resolved"), indent=2))
 
 
 # Stage commands live beside the stages they drive; each module adds itself to the app.
-for _module in (sae, precompute, train, evaluate, run, features, quickstart):
+for _module in (sae, precompute, train, evaluate, run, sweep, features, quickstart, recipes):
     _module.register(app)
 
 if __name__ == "__main__":  # `python -m fpo_recipes.cli.main`: how launched stages start `fpo` in each process

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit
+from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit, set_option
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +24,7 @@ def precompute(
     device: str | None = typer.Option(None, "--device", help="Torch device (default: Accelerate's, i.e. this process's GPU or the CPU)."),
     launcher: str = typer.Option("inprocess", "--launcher", help=LAUNCHER_HELP + " Each process computes every N-th shard."),
     launcher_args: list[str] = typer.Argument(None, help=LAUNCHER_ARGS_HELP),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Run the reference model once over the pairs and write the reference cache.
 
@@ -36,6 +37,9 @@ def precompute(
     if (recipe_file is None) == (axolotl_config is None):
         typer.echo("error: give a recipe file or --axolotl-config AXOLOTL.yaml (one of them)", err=True)
         raise typer.Exit(1)
+    if axolotl_config is not None and overrides:
+        typer.echo("error: --set overrides a recipe file's fields (hint: with --axolotl-config, edit its fpo_* keys)", err=True)
+        raise typer.Exit(1)
     if axolotl_config is not None:
         from fpo_recipes.axolotl import AxolotlConfigError, recipe_from_axolotl_yaml
         from fpo_recipes.recipe import RecipeError
@@ -46,7 +50,7 @@ def precompute(
             typer.echo(str(exc), err=True)
             raise typer.Exit(1) from None
     else:
-        recipe = load_recipe_or_exit(recipe_file)
+        recipe = load_recipe_or_exit(recipe_file, overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     launch = launch_or_exit(launcher, launcher_args)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit
+from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit, set_option
 from fpo_recipes.stages.registry import PIPELINE
 
 _STAGE_NAMES = ", ".join(s.name for s in PIPELINE)
@@ -24,6 +24,7 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     launcher: str = typer.Option("inprocess", "--launcher", help=LAUNCHER_HELP + " Applies to precompute and train."),
     launcher_args: list[str] = typer.Argument(None, help=LAUNCHER_ARGS_HELP),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Run a recipe end to end; stages whose outputs match the recipe are reused.
 
@@ -36,7 +37,7 @@ def run(
     from fpo_recipes.cli.evaluate import print_run
     from fpo_recipes.stages import run as pipeline
 
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     launch = launch_or_exit(launcher, launcher_args)
     try:
         if dry_run:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fpo_recipes.cli.common import set_option
+
 sae_app = typer.Typer(name="sae", help="Sparse autoencoders: train one where no pretrained SAE exists.", no_args_is_help=True)
 
 
@@ -17,6 +19,7 @@ def register(app: typer.Typer) -> None:
 def sae_train(
     recipe_file: Path = typer.Argument(..., help="Recipe YAML file with an sae.train section."),
     force: bool = typer.Option(False, "--force", help="Retrain even if an SAE with the same fingerprint exists (no resuming)."),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Train the SAE the recipe's `sae.train` describes, with sae-lens, on the policy's
     starting model at `sae.layer` (`sae.hook`); save it at `sae.path` (default
@@ -30,7 +33,7 @@ def sae_train(
     from fpo_recipes.models import ModelLoadError
     from fpo_recipes.stages.sae import SAETrainingError, read_record, train_saes
 
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     try:
         outs = train_saes(recipe, force=force, echo=typer.echo)
     except (SAETrainingError, ModelLoadError, ValueError, ImportError) as exc:

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import typer
 
-from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit
+from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit, set_option
 
 
 def register(app: typer.Typer) -> None:
@@ -23,13 +23,14 @@ def train(
     launcher: str = typer.Option("inprocess", "--launcher", help=LAUNCHER_HELP),
     launcher_args: list[str] = typer.Argument(None, help=LAUNCHER_ARGS_HELP),
     force: bool = typer.Option(False, "--force", help="Start afresh: delete the checkpoints instead of resuming from them."),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Train a recipe through Axolotl with the FPO plugin (cache checked first).
 
     train.batch_size is the global batch: the gradient accumulation is derived
     from the processes the launcher starts. Resumes from the latest complete
     checkpoint the same recipe and process count wrote."""
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     launch = launch_or_exit(launcher, launcher_args)
     from fpo_recipes.recipe.schema import BatchSplitError
     from fpo_recipes.stages.launch import StageInterrupted
@@ -56,9 +57,10 @@ def export_axolotl(
     processes: int = typer.Option(
         1, "--processes", min=1, help="Processes `axolotl train` will launch (all machines): the accumulation is "
         "train.batch_size / (micro_batch_size x processes)."),
+    overrides: list[str] = set_option(),
 ) -> None:
     """Write the Axolotl YAML for a recipe without training (use with `axolotl train`)."""
-    recipe = load_recipe_or_exit(recipe_file)
+    recipe = load_recipe_or_exit(recipe_file, overrides)
     from fpo_recipes.stages.train import axolotl_yaml_path, export_axolotl_config
 
     target = output or axolotl_yaml_path(recipe)

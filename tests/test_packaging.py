@@ -80,6 +80,13 @@ def test_wheel_installs_into_a_fresh_venv(wheel, tmp_path):
     assert help_out.returncode == 0, help_out.stderr
     for command in ("validate", "show", "schema"):
         assert command in help_out.stdout
+    # the shipped recipes are package data: extendable by name from an installed wheel
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: gemma2-2b-dpo\nname: mine\n")
+    shipped = subprocess.run([str(env_dir / "bin" / "fpo"), "validate", str(child)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert shipped.returncode == 0 and "ok " in shipped.stdout, shipped.stderr
+    shown = subprocess.run([str(env_dir / "bin" / "fpo"), "recipes", "show", "gemma2-2b-fpo"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith(f"# {env_dir}"), shown.stdout[:200]
     probe = (
         "import fpo_recipes, fpo_recipes.plugins.fpo as p; "
         "from axolotl.integrations.base import BasePlugin; "

@@ -209,7 +209,9 @@ def test_extends_cycle_and_missing_base(tmp_path):
     errors = errors_of(tmp_path / "a.yaml")
     assert len(errors) == 1 and "extends: cycle:" in errors[0] and "a.yaml -> " in errors[0]
     missing = write(tmp_path, "extends: nowhere.yaml\nname: m\n", "m.yaml")
-    assert errors_of(missing) == [f"{missing}:1: extends: base recipe nowhere.yaml not found (looked at {tmp_path / 'nowhere.yaml'})"]
+    assert errors_of(missing) == [f"{missing}:1: extends: base recipe nowhere.yaml not found (looked at {tmp_path / 'nowhere.yaml'}; "
+                                  "no shipped recipe has that name) (hint: a path relative to this file, a shipped recipe name "
+                                  "(fpo recipes list), or {url: https://..., sha256: ...})"]
 
 
 def test_show_prints_resolved_recipe_that_round_trips(tmp_path):

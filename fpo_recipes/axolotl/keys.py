@@ -69,7 +69,7 @@ FPO_KEY_FIELDS: dict[str, str] = {
 }
 FPO_KEYS = tuple(FPO_KEY_FIELDS)
 # fpo_* keys read by the plugin itself, not recipe fields
-PLUGIN_KEYS = ("fpo_recipe", "fpo_logprob_chunk_size", "fpo_full_logits")
+PLUGIN_KEYS = ("fpo_recipe", "fpo_logprob_chunk_size", "fpo_full_logits", "fpo_tracker_tags")
 ALL_FPO_KEYS = PLUGIN_KEYS + FPO_KEYS  # everything plugins/fpo/args.py declares
 
 # Axolotl's own keys that carry a train field as it is (both directions copy the value).
@@ -77,6 +77,7 @@ AXOLOTL_TRAIN_KEYS: dict[str, str] = {
     "learning_rate": "train.learning_rate",
     "micro_batch_size": "train.micro_batch_size",
     "warmup_steps": "train.warmup_steps",
+    "warmup_ratio": "train.warmup_ratio",
     "num_epochs": "train.num_epochs",
     "max_steps": "train.max_steps",
     "weight_decay": "train.weight_decay",
@@ -116,6 +117,10 @@ AXOLOTL_CONVERTED_FIELDS: dict[str, str] = {
     "train.optimizer": "optimizer",
     "train.precision": "bf16",
     "train.output_dir": "output_dir",
+    "train.report_to": "use_tensorboard",
+    "train.project": "wandb_project",
+    "train.run_name": "wandb_name",
+    "train.tags": "fpo_tracker_tags",
 }
 # recipe field path -> the Axolotl key it comes from (error messages name the key)
 FIELD_KEYS: dict[str, str] = {
@@ -169,7 +174,10 @@ def _field_value(recipe, field: str):
 def recipe_fpo_fields(recipe) -> dict[str, Any]:
     """The ``fpo_*`` values a recipe implies (resolved absolute paths)."""
     sae, ref = recipe.sae, recipe.reference_model
-    fields: dict[str, Any] = {"fpo_recipe": str(recipe.source_path) if recipe.source_path else None}
+    # With --set overrides the file alone is not the recipe: the plugin then reads the
+    # resolved snapshot export_axolotl_config writes beside the YAML.
+    source = str(recipe.source_path) if recipe.source_path and not getattr(recipe, "overrides", ()) else None
+    fields: dict[str, Any] = {"fpo_recipe": source}
     fields.update({key: _field_value(recipe, field) for key, field in FPO_KEY_FIELDS.items()})
     fields.update({  # keys whose value is the field resolved, read or derived
         # a trained SAE is read from where the sae stage saved it (the plugin trains none)

@@ -117,15 +117,33 @@ def build_axolotl_config(recipe, processes: int = 1) -> dict[str, Any]:
         value = getattr(t, field.split(".")[1])
         if value is not None:  # max_steps / save_steps unset: Axolotl's own default
             cfg[key] = value
+    if t.warmup_ratio is not None:  # Axolotl takes one of the two
+        cfg.pop("warmup_steps")
     cfg["gradient_accumulation_steps"] = t.accumulation(processes)
     cfg.update(distributed_keys(recipe, location))
     cfg["lr_scheduler"] = t.scheduler
     cfg["optimizer"] = AXOLOTL_OPTIMIZERS.get(t.optimizer, t.optimizer)
-    # TensorBoard logging when the package is importable (HF Trainer refuses to start otherwise).
-    cfg["use_tensorboard"] = importlib.util.find_spec("tensorboard") is not None
+    cfg.update(tracker_keys(recipe))
 
     cfg.update(_exported_fpo_fields(recipe, cfg))
     return cfg
+
+
+def tracker_keys(recipe) -> dict[str, Any]:
+    """train.report_to as Axolotl's own tracker keys (tags: the plugin's fpo_tracker_tags,
+    which it hands to the trackers, as Axolotl has no key for them)."""
+    t = recipe.train
+    keys: dict[str, Any] = {
+        # only when the package is importable (HF Trainer refuses to start otherwise)
+        "use_tensorboard": "tensorboard" in t.report_to and importlib.util.find_spec("tensorboard") is not None,
+    }
+    if "wandb" in t.report_to:
+        keys.update(use_wandb=True, wandb_project=t.project or recipe.name, wandb_name=t.run_name or recipe.name)
+    if "mlflow" in t.report_to:
+        keys.update(use_mlflow=True, mlflow_experiment_name=t.project or recipe.name, mlflow_run_name=t.run_name or recipe.name)
+    if t.tags and {"wandb", "mlflow"} & set(t.report_to):
+        keys["fpo_tracker_tags"] = list(t.tags)
+    return keys
 
 
 def dump_axolotl_yaml(cfg: dict[str, Any], recipe=None, processes: int = 1) -> str:

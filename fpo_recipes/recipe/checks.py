@@ -39,9 +39,19 @@ def check_recipe(recipe: Recipe, unparsed: frozenset[str] = frozenset()) -> list
     issues += _check_files(recipe, unparsed)
     if "evaluate" not in unparsed:
         issues += _check_verifiers(recipe)
+    if "train" not in unparsed:
+        issues += _check_trackers(recipe)
     if not {"objective", "sae"} & unparsed and uses_sae(recipe):
         issues += _check_sae_shapes(recipe, unparsed)
     return issues
+
+
+def _check_trackers(recipe: Recipe) -> list[RecipeIssue]:
+    """Each tracker in ``train.report_to`` is installed (the trainer refuses to start otherwise)."""
+    import importlib.util
+
+    return [_issue(recipe, ("train", "report_to"), f"{name} is not installed (hint: pip install {name}, or drop it)")
+            for name in recipe.train.report_to if name != "none" and importlib.util.find_spec(name) is None]
 
 
 def _check_verifiers(recipe: Recipe) -> list[RecipeIssue]:

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from fpo_recipes.recipe.bases import BaseNotFound, resolve_base
+from fpo_recipes.recipe.overrides import OverrideError, apply_overrides, label
 from fpo_recipes.recipe.sae_sources import uses_sae
 from fpo_recipes.recipe.schema import Recipe, methods_where
 
@@ -115,18 +117,45 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> _Document:
     base_ref = doc.data.get("extends")
     if base_ref is None:
         return doc
-    if not isinstance(base_ref, str):
-        file, line = doc.origins.get(("extends",), (str(path), None))
+    file, line = doc.origins.get(("extends",), (str(path), None))
+    if not isinstance(base_ref, (str, dict)):
         raise RecipeError([RecipeIssue(file, line, "extends",
             f"must be a path to a base recipe, got a {type(base_ref).__name__} "
             "(hint: e.g. extends: gemma2-2b-fpo.yaml, relative to this file)")])
-    base_path = path.parent / base_ref
-    if not base_path.exists():
-        file, line = doc.origins[("extends",)]
-        raise RecipeError([RecipeIssue(file, line, "extends", f"base recipe {base_ref} not found (looked at {base_path})")])
+    try:
+        # a fetched base (in the extends cache) may extend shipped names and pinned URLs only
+        base_path = resolve_base(base_ref, None if _is_fetched(path) else path.parent)
+    except BaseNotFound as exc:
+        raise RecipeError([RecipeIssue(file, line, "extends", str(exc))]) from None
     base = _resolve(base_path, (*chain, path))
-    data = _deep_merge(base.data, {k: v for k, v in doc.data.items() if k != "extends"})
+    data = _deep_merge(_without_outputs(base.data, doc.data), {k: v for k, v in doc.data.items() if k != "extends"})
     return _Document(data, {**base.origins, **doc.origins})
+
+
+def _is_fetched(path: Path) -> bool:
+    from fpo_recipes.gguf_models import cache_home
+
+    return path.parent == (cache_home() / "extends").resolve()
+
+
+# Where a run writes. Inherited, they would make a child recipe write into its base's run
+# (and overwrite its model), so a file keeps only the ones it sets itself; the rest derive
+# from its `name`. sae.path is an output only where the SAE is trained here (sae.train).
+OUTPUT_LOCATIONS: tuple[Loc, ...] = (("train", "output_dir"), ("precompute", "cache_dir"), ("sae", "path"))
+
+
+def _without_outputs(base: dict, child: dict) -> dict:
+    """``base`` less the output locations ``child`` does not set itself."""
+    base = copy.deepcopy(base)
+    trains_sae = isinstance(base.get("sae"), dict) and (base["sae"].get("train") is not None
+                                                       or isinstance(child.get("sae"), dict) and child["sae"].get("train"))
+    for section, key in OUTPUT_LOCATIONS:
+        if section == "sae" and not trains_sae:
+            continue
+        own = child.get(section)
+        if isinstance(base.get(section), dict) and not (isinstance(own, dict) and key in own):
+            base[section].pop(key, None)
+    return base
 
 
 def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
@@ -227,14 +256,20 @@ def _partial_recipe(data: dict[str, Any], errors: list[dict]) -> tuple[Recipe, f
     return Recipe.model_construct(**sections), frozenset(unparsed)
 
 
-def parse_recipe(path: str | Path) -> tuple[Recipe, frozenset[str], list[RecipeIssue]]:
+def parse_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, frozenset[str], list[RecipeIssue]]:
     """Read, merge and validate a recipe file, collecting every field and cross-section problem.
 
+    ``overrides`` (``dotted.key=value``, the CLI's ``--set``) apply after ``extends``, before
+    validation; problems they cause are reported against the override.
     Returns (recipe, unparsed, issues). With field errors the recipe is partial: the sections
-    named in ``unparsed`` failed and hold no values. Unreadable files and broken ``extends``
-    raise RecipeError at once (there is nothing further to check)."""
+    named in ``unparsed`` failed and hold no values. Unreadable files, broken ``extends`` and
+    malformed overrides raise RecipeError at once (there is nothing further to check)."""
     path = Path(path)
     doc = _resolve(path, ())
+    try:
+        apply_overrides(doc.data, doc.origins, overrides)
+    except OverrideError as exc:
+        raise RecipeError([RecipeIssue(label(exc.override), None, "", exc.message)]) from None
     issues: list[RecipeIssue] = []
     try:
         recipe, unparsed = Recipe.model_validate(doc.data, context={"defer_cross_checks": True}), frozenset()
@@ -244,6 +279,7 @@ def parse_recipe(path: str | Path) -> tuple[Recipe, frozenset[str], list[RecipeI
         recipe, unparsed = _partial_recipe(doc.data, errors)
     recipe._source_path = path.resolve()
     recipe._origins = doc.origins
+    recipe._overrides = tuple(overrides)
     issues += [RecipeIssue(*origin_of(recipe, loc), field_path(loc), msg) for loc, msg in recipe.cross_section_problems(unparsed)]
     if not issues and recipe.sae is not None and not uses_sae(recipe):
         recipe._warnings.append(
@@ -256,12 +292,18 @@ def parse_recipe(path: str | Path) -> tuple[Recipe, frozenset[str], list[RecipeI
             f"precompute.k_cache: {k_cache} with feature_set: policy may miss reference values at the policy's top-{o.k} "
             f"(hint: k_cache >= {POLICY_K_CACHE_PER_K * o.k}; training logs the missing fraction as missing_ref_features)"
         )
+    if not issues:
+        t = recipe.train
+        if t.max_steps is not None and t.warmup_steps >= t.max_steps:
+            recipe._warnings.append(
+                f"train.warmup_steps: {t.warmup_steps} >= max_steps {t.max_steps}, so the learning rate never reaches "
+                f"{t.learning_rate:g} (hint: fewer warmup_steps, or warmup_ratio: 0.1)")
     return recipe, unparsed, issues
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, merge and validate a recipe file; raise RecipeError listing every problem."""
-    recipe, _, issues = parse_recipe(path)
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge and validate a recipe file (with ``--set`` overrides); raise RecipeError listing every problem."""
+    recipe, _, issues = parse_recipe(path, overrides)
     if issues:
         raise RecipeError(issues)
     return recipe

@@ -66,6 +66,8 @@ def methods_where(flag: str) -> str:
 # train.distributed's named engines (any other value is a DeepSpeed .json file)
 DISTRIBUTED_ENGINES = ("zero1", "zero2", "zero3", "fsdp")
 VERIFIER_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# train.report_to: the experiment trackers Axolotl reports to ("none": no tracker at all)
+REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
 METRICS = ("preference_accuracy", "seq_kl", "feature_mse", "entropy", "targeted_shift", "answer_accuracy", "win_rate")
 
 
@@ -339,7 +341,8 @@ class TrainSpec(Section):
     learning_rate: float = Field(5e-7, gt=0)
     batch_size: int = Field(32, ge=1)
     micro_batch_size: int = Field(1, ge=1)
-    warmup_steps: int = Field(150, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (default none; the paper's recipes use 150)")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="warm-up as a share of the total steps, instead of warmup_steps")
     scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = "constant_with_warmup"
     num_epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, ge=1)
@@ -352,6 +355,11 @@ class TrainSpec(Section):
     output_dir: str | None = Field(None, description="defaults to runs/<name>")
     logging_steps: int = Field(1, ge=1)
     save_steps: int | None = Field(None, ge=1)
+    report_to: list[Literal[REPORTERS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["tensorboard"], description="experiment trackers: tensorboard, wandb, mlflow, or [none]")
+    project: str | None = Field(None, description="wandb project / mlflow experiment (default: the recipe name)")
+    run_name: str | None = Field(None, description="the tracker's run name (default: the recipe name)")
+    tags: list[str] = Field(default_factory=list, description="tracker tags (wandb tags; mlflow tags, each set to true)")
     distributed: str | None = Field(
         None,
         description="the engine when several processes train: zero1 | zero2 | zero3 (DeepSpeed ZeRO with the shipped "
@@ -373,6 +381,21 @@ class TrainSpec(Section):
                 f"micro_batch_size: batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size} "
                 "(hint: batch_size is the global batch, micro_batch_size x gradient accumulation x processes)"
             )
+        return self
+
+    @field_validator("report_to")
+    @classmethod
+    def _reporters(cls, v: list[str]) -> list[str]:
+        if "none" in v and len(v) > 1:
+            raise ValueError("none means no tracker; it cannot be combined with others (hint: report_to: [none], or drop none)")
+        if len(set(v)) != len(v):
+            raise ValueError("a tracker is listed twice (hint: list each once)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainSpec:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("warmup_ratio: give warmup_steps or warmup_ratio, not both (hint: drop one)")
         return self
 
     def accumulation(self, processes: int = 1) -> int:
@@ -447,6 +470,28 @@ class EvaluateSpec(Section):
         return self
 
 
+class SweepSpec(Section):
+    """`fpo sweep`'s grid (the --grid options add to it); each point is one run."""
+
+    grid: dict[str, list[Any]] = Field(
+        min_length=1, description="dotted recipe field -> the values to try, e.g. objective.beta: [0.05, 0.1]")
+
+    @field_validator("grid")
+    @classmethod
+    def _values(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [key for key, values in v.items() if not values]
+        if empty:
+            raise ValueError(f"{empty[0]}: no values to sweep (hint: list at least one, e.g. [0.05, 0.1])")
+        return v
+
+
+class ExtendsURL(Section):
+    """A base recipe fetched from a URL, pinned by the sha256 of its bytes."""
+
+    url: str = Field(pattern=r"^https?://", description="https:// (plain http only from localhost)")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="sha256 of the file's bytes; any other content is refused")
+
+
 class ModelRef(BaseModel):
     """The reference model, resolved: the `reference` section or else the policy's start."""
 
@@ -459,7 +504,9 @@ class Recipe(Section):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; used in default output paths")
     description: str = ""
-    extends: str | None = None
+    extends: str | ExtendsURL | None = Field(
+        None, description="base recipe: a path relative to this file, a shipped recipe name (fpo recipes list), "
+        "or {url, sha256}; this file's keys override its keys")
     model: ModelSpec
     reference: ReferenceSpec | None = None
     sae: SAESpec | None = None
@@ -469,10 +516,12 @@ class Recipe(Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     precompute: PrecomputeSpec = Field(default_factory=PrecomputeSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    sweep: SweepSpec | None = Field(None, description="grid for `fpo sweep`; ignored by every other command")
 
     _source_path: Path | None = PrivateAttr(None)
     _warnings: list[str] = PrivateAttr(default_factory=list)
     _origins: dict = PrivateAttr(default_factory=dict)  # key path → (file, line), set by the loader
+    _overrides: tuple[str, ...] = PrivateAttr(())  # the --set overrides the loader applied
 
     @field_validator("schema_version")
     @classmethod
@@ -528,6 +577,11 @@ class Recipe(Section):
     @property
     def warnings(self) -> list[str]:
         return list(self._warnings)
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The ``--set`` overrides applied on top of the file (already in the values)."""
+        return self._overrides
 
     def resolve_input(self, value: str) -> str:
         """A relative local input path, resolved against the recipe's folder; hub names untouched."""

@@ -191,9 +191,12 @@ def _as_paths(result: Any, fallback: list[str]) -> list[Path]:
 
 
 def _resume_command(recipe: Recipe, launch: Launch) -> str:
+    import shlex
+
     source = recipe.source_path or "RECIPE"
-    how = f" --launcher {launch.launcher}" if launch.subprocess else ""
-    return f"fpo run {source}{how}" + (f" -- {' '.join(launch.args)}" if launch.args else "")
+    how = ["--launcher", launch.launcher] if launch.subprocess else []
+    return " ".join(["fpo run", shlex.quote(str(source)), *(f"--set {shlex.quote(o)}" for o in recipe.overrides), *how,
+                     *(["--", *map(shlex.quote, launch.args)] if launch.args else [])])
 
 
 def run_pipeline(

@@ -34,9 +34,55 @@ def axolotl_yaml_path(recipe) -> Path:
     return Path(recipe.output_dir) / "axolotl.yaml"
 
 
-def export_axolotl_config(recipe, path: str | Path | None = None, processes: int = 1) -> Path:
+# Last line of a generated YAML: the sha256 of everything above it, so that a later run can
+# tell a hand-edited file (content no longer matches) from one the recipe has moved past.
+GENERATED_MARK = "# fpo-recipes generated, sha256 of the lines above: "
+
+
+def _generated_digest(text: str) -> tuple[str | None, str]:
+    """(recorded digest or None, the text above the mark)."""
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    if last.startswith(GENERATED_MARK):
+        return last.removeprefix(GENERATED_MARK).strip(), body + "\n"
+    return None, text
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _keep_hand_edits(path: Path, text: str) -> bool:
+    """Whether the YAML at ``path`` was edited by hand and the recipe has not changed since it
+    was generated (then it is kept, with a warning); an edited YAML the recipe has moved past
+    is set aside as ``<name>.edited`` before it is regenerated."""
+    if not path.is_file():
+        return False
+    old = path.read_text()
+    recorded, old_body = _generated_digest(old)
+    if old == text or (recorded is not None and _sha256(old_body) == recorded):
+        return False  # ours, unedited: (re)generate
+    if recorded == _sha256(_generated_digest(text)[1]):
+        new_cfg = yaml.safe_load(text) or {}
+        old_cfg = yaml.safe_load(old_body) or {}
+        changed = sorted(k for k in set(new_cfg) | set(old_cfg) if new_cfg.get(k) != old_cfg.get(k))
+        print(f"warning: {path} was edited by hand; training with it as edited (differs from the recipe in: "
+              f"{', '.join(changed) or 'comments only'}) (hint: delete it to regenerate it from the recipe)", file=sys.stderr)
+        return True
+    aside = path.with_name(path.name + ".edited")
+    path.replace(aside)
+    print(f"warning: the recipe changed since {path} was generated, and the file was edited by hand: regenerated it, "
+          f"the edited one is now {aside}", file=sys.stderr)
+    return False
+
+
+def export_axolotl_config(recipe, path: str | Path | None = None, processes: int = 1, keep_edits: bool = False) -> Path:
     """Write the Axolotl YAML that trains ``recipe`` on ``processes`` processes (default:
-    train.output_dir/axolotl.yaml)."""
+    train.output_dir/axolotl.yaml).
+
+    ``keep_edits`` (training): a file edited by hand since it was generated from this same
+    recipe is kept as it is, with a warning."""
     from fpo_recipes.axolotl import build_axolotl_config, dump_axolotl_yaml
 
     path = Path(path) if path is not None else axolotl_yaml_path(recipe)
@@ -44,14 +90,18 @@ def export_axolotl_config(recipe, path: str | Path | None = None, processes: int
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cfg.get("fpo_recipe"):
         cfg["fpo_recipe"] = str(recipe_file(recipe, path.with_name(path.stem + ".recipe.yaml")))
-    atomic_write_text(path, dump_axolotl_yaml(cfg, recipe, processes=processes))
+    text = dump_axolotl_yaml(cfg, recipe, processes=processes)
+    text += f"{GENERATED_MARK}{_sha256(text)}\n"
+    if keep_edits and _keep_hand_edits(path, text):
+        return path
+    atomic_write_text(path, text)
     return path
 
 
 def recipe_file(recipe, snapshot: Path | None = None) -> Path:
     """A file other processes can read the recipe from: its own, or (a recipe built in code)
     a snapshot with every input path resolved, written at ``snapshot``."""
-    if recipe.source_path:
+    if recipe.source_path and not recipe.overrides:  # with --set overrides the file is not the recipe
         return Path(recipe.source_path).resolve()
     snapshot = snapshot or axolotl_yaml_path(recipe).with_name("axolotl.recipe.yaml")
     snapshot.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +160,7 @@ def run_train(recipe, launch: Launch | None = None, fresh: bool = False) -> Path
     marker_path(recipe, "train").unlink(missing_ok=True)
     resume, why = checkpoints.prepare(recipe, processes, fresh)
     print(f"[train] {launch.describe()}; {why}", flush=True)
-    yaml_path = export_axolotl_config(recipe, processes=processes)
+    yaml_path = export_axolotl_config(recipe, processes=processes, keep_edits=True)
     overrides = {"resume_from_checkpoint": str(resume)} if resume is not None else {}
     if launch.launcher == "inprocess":
         _train_in_process(yaml_path, **overrides)

@@ -148,6 +148,7 @@ class FPOPlugin(BasePlugin):
         """Attach the objective: frozen SAE (fpo) / frozen online reference (TDPO, SimPO+KL)."""
         from .trainer import FPOTrainer, PreferenceObjective, lm_head_is_plain
 
+        _export_tracker_tags(cfg.get("fpo_tracker_tags"))
         if not isinstance(trainer, FPOTrainer):
             return
         self._trainer = trainer
@@ -194,6 +195,28 @@ class FPOPlugin(BasePlugin):
         if self._trainer is not None:
             self._trainer.save_state()  # main process only; includes train_runtime
             self._trainer = None
+        _finish_wandb_run()
+
+
+def _finish_wandb_run() -> None:
+    """End this run's W&B run (HF leaves it open until the process exits, so the next run in
+    the same process, e.g. a sweep's next point, would log into it); writes its files."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _export_tracker_tags(tags) -> None:
+    """Tags for the trackers, which read them from the environment when they start (at the
+    first training step, after this hook); a value the user exported wins."""
+    if tags:
+        import json
+        import os
+
+        os.environ.setdefault("WANDB_TAGS", ",".join(tags))
+        os.environ.setdefault("MLFLOW_TAGS", json.dumps({tag: "true" for tag in tags}))
 
 
 def logprob_path(asked: bool | None, fsdp: bool, zero_stage: int | None, plain_head: bool) -> tuple[bool, str]:

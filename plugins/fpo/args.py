@@ -100,6 +100,11 @@ class FPOArgs(BaseModel):
         ge=1,
         json_schema_extra={"description": "Response tokens per chunk in the chunked log-prob / KL path (default 512)."},
     )
+    fpo_tracker_tags: list[str] | None = Field(
+        default=None,
+        json_schema_extra={"description": "Tags for the W&B / MLflow run (recipe train.tags); set as WANDB_TAGS and "
+                           "MLFLOW_TAGS before the trackers start, unless those are already set."},
+    )
     fpo_full_logits: bool | None = Field(
         default=None,
         json_schema_extra={
