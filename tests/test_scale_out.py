@@ -167,7 +167,10 @@ def test_deepspeed_maps_to_axolotl_keys_axolotl_reads(scale_root, engine, monkey
                 "ACCELERATE_DEEPSPEED_ZERO3_INIT", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"):
         monkeypatch.setenv(key, "")  # recorded, so that what Axolotl sets is undone after the test
         monkeypatch.delenv(key)
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as the launcher sets it
+    # One process would start DeepSpeed's own process group here (the deepspeed package, a GPU
+    # install); Axolotl's preprocess mode skips just that step. (WORLD_SIZE > 1 instead would
+    # make Axolotl 0.21 probe CUDA peer access, which fails without a GPU.)
+    monkeypatch.setenv("AXOLOTL_IS_PREPROCESS", "1")
     load_cfg(str(path))  # Axolotl's own validation and environment set-up
     used = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]  # Axolotl reads our file and hands on its copy
     assert read == [used] and json.loads(Path(used).read_text()) == ds
