@@ -27,6 +27,10 @@ so a release in between behaves like whichever side it resembles.
   ``map_location=args.device``, a location ``torch.load`` refuses ("don't know how to restore
   data location ... cpu:0"), in both stacks. :func:`allow_indexed_cpu_location` makes
   ``cpu:N`` mean the CPU; the plugin applies it on multi-process runs without an accelerator.
+- Axolotl 0.21's ``load_cfg`` probes CUDA peer access for every multi-process run
+  (``check_cuda_p2p_ib_support`` in ``prepare_optim_env``), which raises on a host without
+  CUDA (0.19 does not probe). :func:`skip_cuda_peer_probe_without_cuda` answers "no peers"
+  there; the plugin applies it when it registers (before ``prepare_optim_env``).
 - TRL 1.14's ``DPOTrainer._compute_loss`` also reads ``use_liger_kernel`` and ``_tp_size``;
   only the peer cross-check in tests/test_objectives_trl.py calls it (its stand-in sets both).
 
@@ -90,4 +94,16 @@ def allow_indexed_cpu_location() -> None:
     _INDEXED_CPU_REGISTERED = True
 
 
-__all__ = ["allow_indexed_cpu_location", "axolotl_fsdp_keys", "gguf_dense_load_kwargs"]
+def skip_cuda_peer_probe_without_cuda() -> None:
+    """On a host without CUDA, Axolotl's CUDA peer-access probe answers False instead of raising."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    import axolotl.utils.trainer as axolotl_trainer
+
+    if hasattr(axolotl_trainer, "check_cuda_p2p_ib_support"):
+        axolotl_trainer.check_cuda_p2p_ib_support = lambda: False
+
+
+__all__ = ["skip_cuda_peer_probe_without_cuda", "allow_indexed_cpu_location", "axolotl_fsdp_keys", "gguf_dense_load_kwargs"]

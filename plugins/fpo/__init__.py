@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 from axolotl.integrations.base import BasePlugin
 
@@ -69,6 +70,10 @@ class FPOPlugin(BasePlugin):
         # a new config: forget the last run's recipe and trainer (Axolotl >= 0.21 reuses the
         # plugin instance across configs in one process; see fpo_recipes.compat)
         self._recipe, self._trainer = None, None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several processes, maybe on a host without CUDA
+            from fpo_recipes.compat import skip_cuda_peer_probe_without_cuda
+
+            skip_cuda_peer_probe_without_cuda()
         if cfg.get("rl"):
             raise ValueError(
                 f"rl: {cfg.get('rl')}: the FPO plugin trains every method (fpo_method) through its own trainer; "
@@ -257,8 +262,6 @@ def _cpu_device_map(cfg) -> None:
     ``device_map = {"": LOCAL_RANK}``, an accelerator index transformers refuses, so each
     process loads on the CPU; and the HF Trainer builds Accelerate's MULTI_CPU state only when
     told to use the CPU (without it every process trains alone on the whole dataset)."""
-    import os
-
     import torch
 
     if int(cfg.get("world_size") or 1) <= 1 or torch.cuda.is_available():
