@@ -190,8 +190,10 @@ def _as_paths(result: Any, fallback: list[str]) -> list[Path]:
     return [Path(p) for p in result]
 
 
-def _resume_command(recipe: Recipe, launch: Launch) -> str:
+def _resume_command(recipe: Recipe, launch: Launch | None = None) -> str:
     import shlex
+
+    launch = launch or Launch()
 
     source = recipe.source_path or "RECIPE"
     how = ["--launcher", launch.launcher] if launch.subprocess else []
@@ -226,7 +228,7 @@ def run_pipeline(
             current = plan.stage
             marker_path(recipe, plan.stage).unlink(missing_ok=True)
             echo(f"[{plan.stage}] running ({plan.reason})")
-            if _REGISTERED[plan.stage].launched:
+            if _REGISTERED[plan.stage].launched and launch.subprocess:  # in this process: the runner's own default
                 result = runners[plan.stage](recipe, plan.force, launch=launch)
             else:
                 result = runners[plan.stage](recipe, plan.force)
