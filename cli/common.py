@@ -60,3 +60,23 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+LAUNCHER_HELP = (
+    "inprocess (this process), python (axolotl train's own single process), accelerate or torchrun "
+    "(their own CLIs: several processes, several machines). Flags after -- go to the launcher "
+    "untouched, e.g. --launcher accelerate -- --multi_gpu --num_processes 2."
+)
+LAUNCHER_ARGS_HELP = "Launcher flags, after `--` (e.g. -- --num_processes 8, -- --config_file multi_node.yaml)."
+
+
+def launch_or_exit(launcher: str, launcher_args: list[str] | None):
+    """The Launch for `--launcher` and the flags after `--`, its process count read the way the
+    launcher reads them; a bad launcher or flag is one error line and exit 2."""
+    from fpo_recipes.stages.launch import Launch, LaunchError
+
+    try:
+        launch = Launch(launcher, tuple(launcher_args or ()))
+        launch.processes  # noqa: B018 - parse the flags now, before any work
+    except LaunchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return launch

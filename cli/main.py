@@ -135,3 +135,6 @@ for _module in (sae, precompute, train, evaluate, export, run, sweep, features, 
     _module.register(app)
 for _command in app.registered_commands + [c for g in app.registered_groups for c in g.typer_instance.registered_commands]:
     _command.callback = one_line_errors(_command.callback)
+
+if __name__ == "__main__":  # `python -m fpo_recipes.cli.main`: how launched stages start `fpo` in each process
+    app()

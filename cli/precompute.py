@@ -1,5 +1,5 @@
-"""`fpo precompute RECIPE [--force]` (or `--axolotl-config AXOLOTL.yaml`): build the
-offline reference cache."""
+"""`fpo precompute RECIPE [--force] [--launcher L -- FLAGS]` (or `--axolotl-config AXOLOTL.yaml`):
+build the offline reference cache, in this process or sharded over a launcher's processes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit, set_option
+from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit, set_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,8 @@ def precompute(
     force: bool = typer.Option(False, "--force", help="Rebuild the cache even if one exists (also when its inputs differ)."),
     shard_size: int | None = typer.Option(None, "--shard-size", min=1, help="Pairs per resumable shard (default 1024)."),
     device: str | None = typer.Option(None, "--device", help="Torch device (default: Accelerate's, i.e. this process's GPU or the CPU)."),
+    launcher: str = typer.Option("inprocess", "--launcher", help=LAUNCHER_HELP + " Each process computes every N-th shard."),
+    launcher_args: list[str] = typer.Argument(None, help=LAUNCHER_ARGS_HELP),
     overrides: list[str] = set_option(),
 ) -> None:
     """Run the reference model once over the pairs and write the reference cache.
@@ -51,26 +53,37 @@ def precompute(
         recipe = load_recipe_or_exit(recipe_file, overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    launch = launch_or_exit(launcher, launcher_args)
     from fpo_recipes.cache import CacheError, read_manifest, split_dir
     from fpo_recipes.errors import describe_error
     from fpo_recipes.ownership import FolderInUseError, folder_lock
     from fpo_recipes.sae import SAECompatError
-    from fpo_recipes.stages.precompute import run_precompute
+    from fpo_recipes.stages.launch import StageInterrupted, main_process
+    from fpo_recipes.stages.precompute import launch_precompute, run_precompute
 
     try:
         with folder_lock(recipe.cache_dir, "precompute.cache_dir"):
-            cache_dir = run_precompute(recipe, force=force, shard_size=shard_size, device=device)
+            if launch.subprocess:
+                cache_dir = launch_precompute(recipe, launch, force=force, shard_size=shard_size, device=device)
+            else:
+                cache_dir = run_precompute(recipe, force=force, shard_size=shard_size, device=device)
     except FolderInUseError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    # OSError: a model or tokenizer that cannot be loaded (named by ModelLoadError), or the disk.
-    except (CacheError, SAECompatError, ValueError, OSError) as exc:
+    # OSError: a model or tokenizer that cannot be loaded (named by ModelLoadError), or the disk;
+    # RuntimeError: a launched process failed (its messages are above).
+    except (CacheError, SAECompatError, ValueError, OSError, RuntimeError) as exc:
         from fpo_recipes.cli.common import DEBUG
 
         if DEBUG["on"]:
             raise
         typer.echo(describe_error(exc), err=True)
         raise typer.Exit(1) from None
+    except (KeyboardInterrupt, StageInterrupted) as exc:
+        typer.echo(f"error: interrupted{f' ({exc})' if str(exc) else ''}; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    if not main_process():
+        return  # one report per launch, from rank 0
     for split in ("train", "eval"):
         sdir = split_dir(cache_dir, split)
         if (sdir / "manifest.json").exists():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit, set_option
+from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit, set_option
 from fpo_recipes.stages.registry import PIPELINE
 
 _STAGE_NAMES = ", ".join(s.name for s in PIPELINE)
@@ -22,6 +22,8 @@ def run(
     from_stage: str | None = typer.Option(None, "--from", help=f"Rerun from this stage on: {_STAGE_NAMES}."),
     only: str | None = typer.Option(None, "--only", help=f"Run just this stage (forced): {_STAGE_NAMES}."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    launcher: str = typer.Option("inprocess", "--launcher", help=LAUNCHER_HELP + " Applies to precompute and train."),
+    launcher_args: list[str] = typer.Argument(None, help=LAUNCHER_ARGS_HELP),
     overrides: list[str] = set_option(),
     force: bool = typer.Option(
         False, "--force", help="Take over a train.output_dir that another recipe owns (its stages then rerun as needed)."
@@ -34,7 +36,9 @@ def run(
     recipes with the same SFT inputs), sae (train the SAE sae.train describes), precompute
     (the offline reference cache), train (Axolotl with the FPO plugin),
     evaluate. A stage the recipe does not need is skipped; the plan says
-    why.
+    why. train.batch_size is the global batch: the plan shows its split into
+    micro-batch x accumulation x processes. An interrupted training resumes
+    from its last checkpoint on the next run.
 
     Before the first stage it checks what is knowable without compute (precision support,
     chat template, writable folders, free disk). The run folder belongs to the recipe that first wrote it (another recipe is refused
@@ -46,13 +50,15 @@ def run(
     from fpo_recipes.stages import run as pipeline
 
     recipe = load_recipe_or_exit(recipe_file, overrides)
+    launch = launch_or_exit(launcher, launcher_args)
     try:
         if dry_run:
             check_owner(recipe, force)
-            plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only)
+            plans = pipeline.plan_pipeline(recipe, from_stage=from_stage, only=only, launch=launch)
             typer.echo(pipeline.format_plan(recipe, plans))
             return
-        results = pipeline.run_pipeline(recipe, from_stage=from_stage, only=only, echo=typer.echo, force=force)
+        results = pipeline.run_pipeline(recipe, from_stage=from_stage, only=only, echo=typer.echo, force=force,
+                                        launch=launch)
     except (FolderOwnedError, FolderInUseError, PreflightError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import typer
 
-from fpo_recipes.cli.common import load_recipe_or_exit, set_option
+from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit, set_option
 
 
 def register(app: typer.Typer) -> None:
@@ -20,34 +20,37 @@ def register(app: typer.Typer) -> None:
 
 def train(
     recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
-    launcher: str = typer.Option(
-        "inprocess",
-        "--launcher",
-        help="inprocess (Axolotl's Python entry point here), or run `axolotl train` with python, accelerate or torchrun.",
-    ),
-    launcher_args: list[str] = typer.Argument(None, help="Extra launcher arguments after `--`, e.g. -- --num_processes 2."),
+    launcher: str = typer.Option("inprocess", "--launcher", help=LAUNCHER_HELP),
+    launcher_args: list[str] = typer.Argument(None, help=LAUNCHER_ARGS_HELP),
+    fresh: bool = typer.Option(False, "--fresh", help="Start afresh: delete the checkpoints instead of resuming from them."),
     overrides: list[str] = set_option(),
     force: bool = typer.Option(False, "--force", help="Take over a train.output_dir that another recipe owns."),
 ) -> None:
     """Train a recipe through Axolotl with the FPO plugin (cache checked first; the run
-    folder is locked and must belong to this recipe, see `fpo run --help`)."""
-    recipe = load_recipe_or_exit(recipe_file, overrides)
-    from fpo_recipes.ownership import FolderInUseError, FolderOwnedError, check_owner, run_folder
-    from fpo_recipes.stages.train import LAUNCHERS, axolotl_yaml_path, run_train
+    folder is locked and must belong to this recipe, see `fpo run --help`).
 
-    if launcher not in LAUNCHERS:
-        typer.echo(f"error: --launcher must be one of {', '.join(LAUNCHERS)}", err=True)
-        raise typer.Exit(2)
+    train.batch_size is the global batch: the gradient accumulation is derived
+    from the processes the launcher starts. Resumes from the latest complete
+    checkpoint the same recipe and process count wrote (--fresh: start over)."""
+    recipe = load_recipe_or_exit(recipe_file, overrides)
+    launch = launch_or_exit(launcher, launcher_args)
+    from fpo_recipes.ownership import FolderInUseError, FolderOwnedError, check_owner, run_folder
+    from fpo_recipes.recipe.schema import BatchSplitError
+    from fpo_recipes.stages.launch import StageInterrupted
+    from fpo_recipes.stages.train import axolotl_yaml_path, run_train
+
     try:
         check_owner(recipe, force)
         with run_folder(recipe, force, cache=False):
-            out = run_train(recipe, launcher=launcher, launcher_args=launcher_args or None)
-    except (FolderOwnedError, FolderInUseError) as exc:
+            out = run_train(recipe, launch=launch, fresh=fresh)
+    except (FolderOwnedError, FolderInUseError, BatchSplitError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo(f"error: interrupted; training did not finish, {recipe.model_dir} is unchanged and {recipe.checkpoint_dir} holds "
-                   "what it saved (hint: rerun `fpo train`)", err=True)
+    except (KeyboardInterrupt, StageInterrupted) as exc:
+        why = f" ({exc})" if str(exc) else ""
+        typer.echo(f"error: interrupted{why}; training did not finish, {recipe.model_dir} is unchanged and "
+                   f"{recipe.checkpoint_dir} holds what it saved (hint: rerun the same `fpo train` to resume from the "
+                   "last checkpoint)", err=True)
         raise typer.Exit(130) from None
     except _train_errors() as exc:
         _fail(exc, axolotl_yaml_path(recipe))
@@ -57,6 +60,9 @@ def train(
 def export_axolotl(
     recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Where to write (default train.output_dir/axolotl.yaml)."),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="Processes `axolotl train` will launch (all machines): the accumulation is "
+        "train.batch_size / (micro_batch_size x processes)."),
     overrides: list[str] = set_option(),
 ) -> None:
     """Write the Axolotl YAML for a recipe without training (use with `axolotl train`)."""
@@ -65,7 +71,7 @@ def export_axolotl(
 
     target = output or axolotl_yaml_path(recipe)
     try:
-        path = export_axolotl_config(recipe, target)
+        path = export_axolotl_config(recipe, target, processes=processes)
     except OSError as exc:
         typer.echo(f"error: cannot write {target}: {exc.strerror or exc} (hint: pass a writable path with -o)", err=True)
         raise typer.Exit(1) from None

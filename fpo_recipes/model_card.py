@@ -165,9 +165,14 @@ def _sae_quality(recipe) -> str | None:
 def _training_lines(recipe, record: dict) -> list[str]:
     t = recipe.train
     steps = record.get("global_step")
+    processes = int(record.get("processes") or 1)
+    try:
+        split = f"{t.micro_batch_size} per forward × {t.accumulation(processes)} accumulated × {processes} process(es)"
+    except ValueError:  # a record from another launch than this recipe now divides into
+        split = f"{t.micro_batch_size} per forward"
     return [
         f"- {steps if steps is not None else '?'} optimizer steps of {t.batch_size} pairs "
-        f"({t.micro_batch_size} per forward × {t.gradient_accumulation_steps} accumulated), learning rate {t.learning_rate:g}, "
+        f"({split}), learning rate {t.learning_rate:g}, "
         f"{t.scheduler} after {t.warmup_steps} warm-up steps, {t.optimizer}, {t.precision}, seed {t.seed}",
         f"- finished {record.get('finished_at', '?')}; recipe fingerprint (train stage) `{record.get('train_fingerprint', '?')[:16]}`",
         f"- {_versions()}",

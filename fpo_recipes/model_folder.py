@@ -85,6 +85,16 @@ def adapter_kind(recipe) -> str | None:
     return "qlora" if recipe.model.load_in_4bit else "lora"
 
 
+def _trained_processes(checkpoint_dir: Path) -> int:
+    """How many processes the training ran on (the train stage records it beside its checkpoints)."""
+    from fpo_recipes.stages.checkpoints import RECORD_NAME
+
+    try:
+        return int(json.loads((checkpoint_dir / RECORD_NAME).read_text()).get("processes") or 1)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
 def publish_model(recipe, fingerprint: str, sections: dict[str, Any]) -> Path:
     """Move the final model of a finished training from ``checkpoint_dir`` into ``model_dir``,
     with its record, resolved recipe and model card; return ``model_dir``."""
@@ -120,6 +130,7 @@ def publish_model(recipe, fingerprint: str, sections: dict[str, Any]) -> Path:
             "base_revision": recipe.start_model.revision,
             "adapter": adapter_kind(recipe) if adapter else None,
             "global_step": state.get("global_step"),
+            "processes": _trained_processes(source),
             "checkpoint_dir": str(source.resolve()),
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "metrics": None,

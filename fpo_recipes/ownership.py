@@ -140,8 +140,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Set by a launching parent for the processes it starts: the parent holds the folder locks,
+# so its children (rank 0 included, a different process) must not try to take them again.
+LOCKS_HELD_ENV = "FPO_LOCKS_HELD_BY"
+
+
 def _is_helper_rank() -> bool:
-    return int(os.environ.get("RANK", "0") or 0) != 0
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return True
+    parent = os.environ.get(LOCKS_HELD_ENV, "")
+    return parent.isdigit() and _alive(int(parent))
 
 
 def _holder(text: str) -> dict[str, Any]:

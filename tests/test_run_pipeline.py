@@ -38,7 +38,7 @@ class Recorder:
         return {stage: self._make(stage) for stage in pipeline.STAGES}
 
     def _make(self, stage):
-        def runner(recipe, force):
+        def runner(recipe, force, launch=None):
             self.calls.append((stage, force))
             if stage == self.interrupt:
                 raise KeyboardInterrupt

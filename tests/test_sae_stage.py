@@ -192,7 +192,7 @@ class Recorder:
 
     def runners(self):
         def make(stage):
-            def runner(recipe, force):
+            def runner(recipe, force, launch=None):
                 self.stages.append(stage)
                 out = recipe.output_dir / f"{stage}-output"
                 out.mkdir(parents=True, exist_ok=True)

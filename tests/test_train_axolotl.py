@@ -289,7 +289,7 @@ def test_cache_of_another_recipe_is_refused(make_recipe, fpo_cache):
     with pytest.raises(CacheMismatchError) as err:
         run_train(other)
     assert "data.max_length" in str(err.value)
-    assert not (Path(other.output_dir) / "checkpoint-2").exists()
+    assert not (Path(other.checkpoint_dir) / "checkpoint-2").exists()
 
     from typer.testing import CliRunner
 

@@ -71,7 +71,7 @@ def build_sft_axolotl_config(recipe, base_location: str, work_dir: Path) -> dict
         value = getattr(s, field.split(".")[1])
         if value is not None:  # max_steps / save_steps unset: Axolotl's own default
             cfg[key] = value
-    cfg["gradient_accumulation_steps"] = s.gradient_accumulation_steps
+    cfg["gradient_accumulation_steps"] = s.accumulation(1)  # the sft stage runs in one process
     cfg["lr_scheduler"] = s.scheduler
     cfg["optimizer"] = AXOLOTL_OPTIMIZERS.get(s.optimizer, s.optimizer)
     cfg["use_tensorboard"] = importlib.util.find_spec("tensorboard") is not None

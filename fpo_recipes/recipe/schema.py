@@ -63,6 +63,8 @@ def methods_where(flag: str) -> str:
     return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
+# train.distributed's named engines (any other value is a DeepSpeed .json file)
+DISTRIBUTED_ENGINES = ("zero1", "zero2", "zero3", "fsdp")
 VERIFIER_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # train.report_to: the experiment trackers Axolotl reports to ("none": no tracker at all)
 REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
@@ -361,13 +363,26 @@ class TrainSpec(Section):
     project: str | None = Field(None, description="wandb project / mlflow experiment (default: the recipe name)")
     run_name: str | None = Field(None, description="the tracker's run name (default: the recipe name)")
     tags: list[str] = Field(default_factory=list, description="tracker tags (wandb tags; mlflow tags, each set to true)")
+    distributed: str | None = Field(
+        None,
+        description="the engine when several processes train: zero1 | zero2 | zero3 (DeepSpeed ZeRO with the shipped "
+        "config), a DeepSpeed .json file, or fsdp (PyTorch FSDP2, one shard per decoder layer); null: data parallel (DDP)",
+    )
+
+    @field_validator("distributed")
+    @classmethod
+    def _engine(cls, v: str | None) -> str | None:
+        if v is not None and v not in DISTRIBUTED_ENGINES and not v.endswith(".json"):
+            raise ValueError(f"{v!r} is not one of {', '.join(DISTRIBUTED_ENGINES)} or a DeepSpeed .json file "
+                             "(hint: e.g. distributed: zero2, or distributed: ds/my_zero3.json)")
+        return v
 
     @model_validator(mode="after")
     def _accumulation(self) -> TrainSpec:
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"micro_batch_size: batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size} "
-                "(hint: gradient accumulation = batch_size / micro_batch_size must be whole)"
+                "(hint: batch_size is the global batch, micro_batch_size x gradient accumulation x processes)"
             )
         return self
 
@@ -386,9 +401,24 @@ class TrainSpec(Section):
             raise ValueError("warmup_ratio: give warmup_steps or warmup_ratio, not both (hint: drop one)")
         return self
 
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
+    def accumulation(self, processes: int = 1) -> int:
+        """Gradient accumulation steps that make ``batch_size`` the global batch on ``processes``
+        processes: batch_size = micro_batch_size x accumulation x processes."""
+        per_step = self.micro_batch_size * processes
+        if self.batch_size % per_step:
+            per_micro = self.batch_size // self.micro_batch_size
+            counts = [n for n in range(1, per_micro + 1) if per_micro % n == 0][:8]
+            raise BatchSplitError(
+                f"train.batch_size: {self.batch_size} is not divisible by train.micro_batch_size {self.micro_batch_size} "
+                f"x {processes} processes = {per_step} (hint: batch_size is the global batch, micro_batch_size x "
+                f"gradient accumulation x processes; make it a multiple of {per_step}, or launch "
+                f"{', '.join(map(str, counts))} process(es))"
+            )
+        return self.batch_size // per_step
+
+
+class BatchSplitError(ValueError):
+    """train.batch_size does not split over the micro-batch and the processes launched."""
 
 
 SFTDataFormat = Literal["conversation", "columns"]

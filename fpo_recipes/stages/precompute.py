@@ -311,17 +311,20 @@ def _pair_ids_digest(pair_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()
 
 
-def run_stage(recipe, force: bool) -> Path:
+def run_stage(recipe, force: bool, launch=None) -> Path:
     """The pipeline's precompute stage (see stages/registry.py): the cache made to match the
     recipe. It checks the cache itself (same definition as `fpo precompute`: the cache
     fingerprint), so a reused cache costs nothing and an interrupted build resumes; a cache
     of other inputs or a damaged one is rebuilt beside it and then swapped in — unless other
-    run folders trained on it (a shared cache is read-only to `fpo run`)."""
+    run folders trained on it (a shared cache is read-only to `fpo run`). Under a launcher the
+    processes share the shards (``fpo precompute`` in each, :func:`launch_precompute`)."""
     from fpo_recipes.cache import CacheMismatchError
     from fpo_recipes.ownership import other_cache_users
 
     others = other_cache_users(recipe)
     try:
+        if launch is not None and launch.subprocess:
+            return launch_precompute(recipe, launch, force=force, rebuild_other=not others)
         return run_precompute(recipe, force=force, replace=not others)
     except CacheMismatchError as exc:
         if not others:
@@ -331,3 +334,39 @@ def run_stage(recipe, force: bool) -> Path:
             f"precompute.cache_dir {recipe.cache_dir} is shared: {', '.join(others)} trained on it as it is, and this "
             f"recipe needs other inputs ({changed}) (hint: give this recipe a precompute.cache_dir of its own, or "
             "`fpo precompute RECIPE --force` to rebuild the shared cache for it)", exc.changed) from None
+
+
+def launch_precompute(recipe, launch, force: bool = False, shard_size: int | None = None, device: str | None = None,
+                      rebuild_other: bool = False) -> Path:
+    """``fpo precompute`` on the launcher's processes (each computes the shards
+    ``i % num_processes``, rank 0 joins them). A cache already up to date starts nothing; one
+    built from other inputs, or damaged, is refused (CacheError) unless ``rebuild_other``."""
+    from fpo_recipes.data import has_eval_split
+    from fpo_recipes.stages.launch import run_child
+    from fpo_recipes.stages.train import recipe_file
+
+    pending = False
+    for split in ["train"] + (["eval"] if has_eval_split(recipe) else []):
+        sdir = store.split_dir(recipe.cache_dir, split)
+        try:
+            pending |= _split_state(sdir, cache_fingerprint(recipe, split), force, replace=False) != "done"
+        except CacheError as exc:  # other inputs, or damaged: the processes rebuild it (beside it) only when allowed
+            if not rebuild_other:
+                raise
+            print(f"[precompute] the existing cache cannot be reused, rebuilding: {str(exc).splitlines()[0]}")
+            force = pending = True
+    if not pending:
+        log.info("reference cache %s is up to date; nothing to launch", recipe.cache_dir)
+        return Path(recipe.cache_dir)
+    argv = ["precompute", str(recipe_file(recipe))] + (["--force"] if force else [])
+    argv += ["--shard-size", str(shard_size)] if shard_size else []
+    argv += ["--device", device] if device else []
+    run_child(launch.module_command("fpo_recipes.cli.main", *argv), f"fpo precompute on {launch.describe()}")
+    for split in ["train"] + (["eval"] if has_eval_split(recipe) else []):  # what the processes left, not their exit status
+        try:
+            store.check_manifest(store.split_dir(recipe.cache_dir, split), cache_fingerprint(recipe, split), verify=False)
+        except CacheMissingError:
+            from fpo_recipes.stages.launch import StageInterrupted
+
+            raise StageInterrupted(f"precompute ended without a finished {split} cache; the next run resumes it") from None
+    return Path(recipe.cache_dir)

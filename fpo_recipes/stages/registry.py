@@ -18,6 +18,12 @@ A :class:`Stage` says, for any recipe:
   marker does not force it: an interrupted build resumes, a matching cache is kept;
 - ``intact(recipe)`` — optional cheap check that reused outputs are still usable (``None``
   when they are, else why not; the stage then reruns).
+- ``launched`` — the stage runs under ``--launcher`` (several processes, several machines):
+  its runner is called as ``function(recipe, force, launch)`` with the
+  :class:`~fpo_recipes.stages.launch.Launch`; other stages run in this process;
+- ``plan_note`` — optional ``"module:function"``, ``function(recipe, launch) -> str``: a line
+  the plan shows under the stage when it will run; a ``ValueError`` from it stops the run
+  before any stage starts (the train stage's batch split).
 
 The planner and runner (:mod:`fpo_recipes.stages.run`) know nothing beyond this table, so
 adding a stage is one module with its runner plus one ``Stage(...)`` in :data:`PIPELINE`
@@ -51,10 +57,20 @@ class Stage:
     marker_dir: Callable[[Recipe], Path] = lambda recipe: Path(recipe.output_dir)
     self_checking: bool = False
     intact: Callable[[Recipe], str | None] | None = None
+    launched: bool = False
+    plan_note: str | None = None
 
-    def run(self, recipe: Recipe, force: bool) -> Any:
-        module, _, function = self.runner.partition(":")
-        return getattr(importlib.import_module(module), function)(recipe, force)
+    def run(self, recipe: Recipe, force: bool, launch=None) -> Any:
+        function = _resolve(self.runner)
+        return function(recipe, force, launch) if self.launched else function(recipe, force)
+
+    def note(self, recipe: Recipe, launch) -> str | None:
+        return _resolve(self.plan_note)(recipe, launch) if self.plan_note else None
+
+
+def _resolve(name: str) -> Callable:
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 # --- what stages depend on -----------------------------------------------------------------
@@ -233,6 +249,7 @@ PIPELINE: tuple[Stage, ...] = (
         help="one no-grad pass of the reference model: the offline reference cache",
         self_checking=True,
         intact=_cache_intact,
+        launched=True,
     ),
     Stage(
         name="train",
@@ -242,6 +259,8 @@ PIPELINE: tuple[Stage, ...] = (
         outputs=lambda recipe: [Path(recipe.model_dir)],
         runner="fpo_recipes.stages.train:run_stage",
         help="Axolotl training with the FPO plugin",
+        launched=True,
+        plan_note="fpo_recipes.stages.train:plan_note",
     ),
     Stage(
         name="evaluate",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fpo_recipes.recipe.schema import Recipe
+from fpo_recipes.stages.launch import Launch, StageInterrupted
 from fpo_recipes.stages.markers import fingerprint, marker_path, read_marker, write_marker
 from fpo_recipes.stages.registry import PIPELINE, STAGES as _REGISTERED
 
@@ -71,6 +72,7 @@ class StagePlan:
     reason: str
     outputs: list[str] = field(default_factory=list)
     force: bool = False
+    note: str = ""  # how it runs: processes, batch split (shown under the stage)
 
 
 def _stale_reason(recipe: Recipe, stage: str, markers: dict[str, dict | None]) -> str | None:
@@ -115,8 +117,29 @@ def _check_stage_name(name: str | None, flag: str) -> None:
         raise PipelineError(f"{flag} {name!r} is not a stage (stages: {', '.join(STAGES)})")
 
 
-def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | None = None) -> list[StagePlan]:
-    """What `fpo run` will do: one entry per stage (run / reuse / skip, with the reason)."""
+def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | None = None,
+                  launch: Launch | None = None) -> list[StagePlan]:
+    """What `fpo run` will do: one entry per stage (run / reuse / skip, with the reason), and
+    for each stage that runs, how (``launch`` for the launched stages, this process for the
+    others). A launch the recipe cannot run on (an indivisible batch) is a PipelineError here,
+    before any stage starts."""
+    plans = _plan(recipe, from_stage, only)
+    launch = launch or Launch()
+    for plan in plans:
+        if plan.action != "run":
+            continue
+        stage = _REGISTERED[plan.stage]
+        try:
+            note = stage.note(recipe, launch)
+        except ValueError as exc:  # BatchSplitError, LaunchError: named fields, nothing has run
+            raise PipelineError(str(exc)) from None
+        if note is None and launch.subprocess:
+            note = launch.describe() if stage.launched else "in this process (the launcher applies to precompute and train)"
+        plan.note = note or ""
+    return plans
+
+
+def _plan(recipe: Recipe, from_stage: str | None, only: str | None) -> list[StagePlan]:
     _check_stage_name(from_stage, "--from")
     _check_stage_name(only, "--only")
     if from_stage and only:
@@ -167,11 +190,14 @@ def format_plan(recipe: Recipe, plans: list[StagePlan]) -> str:
     for p in plans:
         where = f" -> {', '.join(p.outputs)}" if p.outputs and p.action != "skip" else ""
         lines.append(f"  {p.stage:<14}  {p.action:<6}  {p.reason}{where}")
+        if p.note:
+            lines.append(f"  {'':<14}  {'':<6}  {p.note}")
     return "\n".join(lines)
 
 
 # --- running -------------------------------------------------------------------------------
-Runner = Callable[[Recipe, bool], Any]
+# runner(recipe, force), and for a launched stage (registry) runner(recipe, force, launch=launch)
+Runner = Callable[..., Any]
 DEFAULT_RUNNERS: dict[str, Runner] = {s.name: s.run for s in PIPELINE}
 
 
@@ -183,11 +209,15 @@ def _as_paths(result: Any, fallback: list[str]) -> list[Path]:
     return [Path(p) for p in result]
 
 
-def _resume_command(recipe: Recipe) -> str:
+def _resume_command(recipe: Recipe, launch: Launch | None = None) -> str:
     import shlex
 
+    launch = launch or Launch()
+
     source = recipe.source_path or "RECIPE"
-    return " ".join(["fpo run", shlex.quote(str(source)), *(f"--set {shlex.quote(o)}" for o in recipe.overrides)])
+    how = ["--launcher", launch.launcher] if launch.subprocess else []
+    return " ".join(["fpo run", shlex.quote(str(source)), *(f"--set {shlex.quote(o)}" for o in recipe.overrides), *how,
+                     *(["--", *map(shlex.quote, launch.args)] if launch.args else [])])
 
 
 def run_pipeline(
@@ -197,27 +227,32 @@ def run_pipeline(
     runners: dict[str, Runner] | None = None,
     echo: Callable[[str], Any] = print,
     force: bool = False,
+    launch: Launch | None = None,
 ) -> dict[str, list[Path]]:
     """Run the stages the plan says to run; return stage -> output paths (run or reused).
 
+    ``launch``: how the launched stages (precompute, train) start their processes.
     The run folder (and the cache folder) are locked for the whole run and the run folder
     is claimed for this recipe (:mod:`fpo_recipes.ownership`; ``force`` takes over a folder
-    another recipe owns). Raises :class:`PipelineInterrupted` on Ctrl-C (finished stages stay
-    reusable) and lets a stage's own error through after reporting which stages finished."""
+    another recipe owns). Raises :class:`PipelineInterrupted` on Ctrl-C or when a stage's
+    process was interrupted (finished stages stay reusable) and lets a stage's own error
+    through after reporting which stages finished."""
     from fpo_recipes.ownership import check_owner, run_folder
     from fpo_recipes.preflight import preflight
 
+    launch = launch or Launch()
     check_owner(recipe, force)  # before the lock creates the folder
-    running = {p.stage for p in plan_pipeline(recipe, from_stage=from_stage, only=only) if p.action == "run"}
+    running = {p.stage for p in plan_pipeline(recipe, from_stage=from_stage, only=only, launch=launch)
+               if p.action == "run"}
     for note in preflight(recipe, running):  # PreflightError: a problem knowable before compute
         echo(f"preflight: {note}")
     with run_folder(recipe, force, cache=stage_needed(recipe, "precompute")[0]):
-        return _run_locked(recipe, from_stage, only, runners, echo)
+        return _run_locked(recipe, from_stage, only, runners, echo, launch)
 
 
-def _run_locked(recipe, from_stage, only, runners, echo) -> dict[str, list[Path]]:
+def _run_locked(recipe, from_stage, only, runners, echo, launch: Launch) -> dict[str, list[Path]]:
     runners = {**DEFAULT_RUNNERS, **(runners or {})}
-    plans = plan_pipeline(recipe, from_stage=from_stage, only=only)
+    plans = plan_pipeline(recipe, from_stage=from_stage, only=only, launch=launch)
     to_run = [p for p in plans if p.action == "run"]
     echo(format_plan(recipe, plans))
     results: dict[str, list[Path]] = {p.stage: [Path(o) for o in p.outputs] for p in plans if p.action == "reuse"}
@@ -228,7 +263,10 @@ def _run_locked(recipe, from_stage, only, runners, echo) -> dict[str, list[Path]
             current = plan.stage
             marker_path(recipe, plan.stage).unlink(missing_ok=True)
             echo(f"[{plan.stage}] running ({plan.reason})")
-            result = runners[plan.stage](recipe, plan.force)
+            if _REGISTERED[plan.stage].launched and launch.subprocess:  # in this process: the runner's own default
+                result = runners[plan.stage](recipe, plan.force, launch=launch)
+            else:
+                result = runners[plan.stage](recipe, plan.force)
             outputs = _as_paths(result, plan.outputs)
             upstream = {}
             for up in UPSTREAM[plan.stage]:
@@ -240,7 +278,10 @@ def _run_locked(recipe, from_stage, only, runners, echo) -> dict[str, list[Path]
             finished.append(plan.stage)
             echo(f"[{plan.stage}] done -> {', '.join(map(str, outputs))}")
     except KeyboardInterrupt:
-        raise PipelineInterrupted(current, finished, _resume_command(recipe)) from None
+        raise PipelineInterrupted(current, finished, _resume_command(recipe, launch)) from None
+    except StageInterrupted as exc:
+        echo(f"[{current}] interrupted: {exc}")
+        raise PipelineInterrupted(current, finished, _resume_command(recipe, launch)) from None
     except Exception:
         echo(f"[{current}] failed; finished stages: {', '.join(finished) or 'none'} (they will be reused on the next run)")
         raise

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 from axolotl.integrations.base import BasePlugin
 
 from .args import FPOArgs as FPOArgs
 
-__all__ = ["FPOArgs", "FPOPlugin"]
-# Axolotl's log keeps INFO records of loggers named axolotl.* only
+__all__ = ["FPOArgs", "FPOPlugin", "logprob_path"]
+# Axolotl's logging configuration shows its own loggers ("axolotl.*") at INFO
 LOG = logging.getLogger("axolotl.integrations.fpo")
 
 # Axolotl keys that choose the attention kernel (an explicit choice is never overridden)
@@ -74,6 +75,10 @@ class FPOPlugin(BasePlugin):
         from .args import check_plugin_keys
 
         check_plugin_keys(cfg)  # before Axolotl's validation drops unknown keys
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several processes, maybe on a host without CUDA
+            from fpo_recipes.compat import skip_cuda_peer_probe_without_cuda
+
+            skip_cuda_peer_probe_without_cuda()
         if cfg.get("rl"):
             raise ValueError(
                 f"rl: {cfg.get('rl')}: the FPO plugin trains every method (fpo_method) through its own trainer; "
@@ -118,6 +123,8 @@ class FPOPlugin(BasePlugin):
         from .dataset import build_dataset
 
         recipe = self.recipe(cfg)
+        _check_global_batch(cfg, recipe)  # before the model loads: this hook runs first
+        _cpu_device_map(cfg)
         try:
             train = build_dataset(recipe, "train")
         except CacheError as exc:
@@ -183,10 +190,12 @@ class FPOPlugin(BasePlugin):
                      "the policy's base with its adapter disabled (no second copy of the weights)" if adapter_reference
                      else f"{recipe.reference_model.name_or_path}, loaded frozen")
 
-        full_logits = cfg.get("fpo_full_logits")
-        if full_logits is None:
-            zero3 = trainer.is_deepspeed_enabled and _zero_stage(trainer) == 3
-            full_logits = bool(trainer.is_fsdp_enabled or zero3 or not lm_head_is_plain(policy))
+        full_logits, why = logprob_path(cfg.get("fpo_full_logits"), fsdp=trainer.is_fsdp_enabled,
+                                        zero_stage=_zero_stage(trainer) if trainer.is_deepspeed_enabled else None,
+                                        plain_head=lm_head_is_plain(policy))
+        if trainer.accelerator.is_main_process:
+            LOG.info("fpo: log-probs from %s: %s", "the forward's full logits" if full_logits else
+                     "the last hidden state x the LM-head weight, in chunks", why)
         trainer.fpo_objective = PreferenceObjective(
             config,
             saes=saes,
@@ -226,6 +235,57 @@ def _export_tracker_tags(tags) -> None:
 
         os.environ.setdefault("WANDB_TAGS", ",".join(tags))
         os.environ.setdefault("MLFLOW_TAGS", json.dumps({tag: "true" for tag in tags}))
+
+
+def logprob_path(asked: bool | None, fsdp: bool, zero_stage: int | None, plain_head: bool) -> tuple[bool, str]:
+    """(full_logits, why): the chunked hidden-state path reads the LM-head weight outside the
+    forward, which FSDP and ZeRO-3 shard (only the forward gathers it) and LoRA adapts; there
+    the log-probs come from the forward's own logits."""
+    if asked is not None:
+        return bool(asked), f"fpo_full_logits: {str(bool(asked)).lower()}"
+    if fsdp:
+        return True, "FSDP shards the LM head outside the forward"
+    if zero_stage == 3:
+        return True, "DeepSpeed ZeRO-3 shards the LM head outside the forward"
+    if not plain_head:
+        return True, "the LM head is not a plain linear layer (LoRA or quantised)"
+    return False, "the LM-head weight is whole on every process" + (f" (DeepSpeed ZeRO-{zero_stage})" if zero_stage else "")
+
+
+def _check_global_batch(cfg, recipe) -> None:
+    """A recipe's train.batch_size is the global batch: the YAML's accumulation was derived
+    for a process count, and a launch with another count would silently change the batch."""
+    if not cfg.get("fpo_recipe"):
+        return  # a plain Axolotl YAML: its batch is Axolotl's, as written
+    world = max(int(cfg.get("world_size") or 1), 1)  # Axolotl's, from WORLD_SIZE
+    micro, accumulation = int(cfg.micro_batch_size), int(cfg.gradient_accumulation_steps or 1)
+    if micro * accumulation * world != recipe.train.batch_size:
+        planned = recipe.train.batch_size // (micro * accumulation) if recipe.train.batch_size % (micro * accumulation) == 0 else None
+        raise ValueError(
+            f"train.batch_size: the recipe's global batch is {recipe.train.batch_size} but this launch trains "
+            f"micro_batch_size {micro} x gradient_accumulation_steps {accumulation} x {world} process(es) = "
+            f"{micro * accumulation * world} (hint: this YAML was written for {planned or 'another number of'} "
+            "process(es); run `fpo train RECIPE --launcher ...` with the launcher flags, which derives the "
+            "accumulation from them, or `fpo export-axolotl RECIPE --processes N`)"
+        )
+
+
+def _cpu_device_map(cfg) -> None:
+    """A multi-process run on a host without an accelerator (gloo, e.g. CI): Axolotl sets
+    ``device_map = {"": LOCAL_RANK}``, an accelerator index transformers refuses, so each
+    process loads on the CPU; and the HF Trainer builds Accelerate's MULTI_CPU state only when
+    told to use the CPU (without it every process trains alone on the whole dataset)."""
+    import torch
+
+    if int(cfg.get("world_size") or 1) <= 1 or torch.cuda.is_available():
+        return
+    device_map = cfg.get("device_map")
+    if isinstance(device_map, dict):
+        cfg["device_map"] = {key: "cpu" for key in device_map}
+    os.environ["ACCELERATE_USE_CPU"] = "true"  # read by TrainingArguments when it sets up the processes
+    from fpo_recipes.compat import allow_indexed_cpu_location
+
+    allow_indexed_cpu_location()  # resuming loads the optimizer state onto Accelerate's "cpu:0"
 
 
 def _zero_stage(trainer) -> int | None:
