@@ -18,7 +18,7 @@ from fpo_recipes.stages import run as pipeline
 runner = CliRunner()
 
 BASE = """\
-schema_version: 1
+schema_version: 2
 name: parent
 model:
   name_or_path: google/gemma-2-2b
