@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -26,3 +30,33 @@ def load_recipe_or_exit(path: Path, overrides: list[str] | None = None) -> Recip
     except RecipeError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
+
+
+DEBUG = {"on": os.environ.get("FPO_DEBUG", "") not in ("", "0")}
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command: an error its own handlers did not turn into a message is printed as
+    one line (:func:`fpo_recipes.errors.describe_error`), exit 1; with `fpo --debug` it is
+    raised with its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            if DEBUG["on"]:
+                raise
+            typer.echo("error: interrupted (finished work is kept; rerun the command to resume)", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the one place every unhandled error is reported
+            if DEBUG["on"]:
+                raise
+            from fpo_recipes.errors import describe_error
+
+            typer.echo(describe_error(exc), err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
 import yaml
 
 from fpo_recipes.cli import evaluate, features, precompute, quickstart, recipes, run, sae, sweep, train
-from fpo_recipes.cli.common import load_recipe_or_exit, set_option
+from fpo_recipes.cli.common import DEBUG, load_recipe_or_exit, one_line_errors, set_option
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
 from fpo_recipes.recipe.schema import SCHEMA_VERSION
 from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
 
 app = typer.Typer(
     name="fpo",
-    help="Feature-level constrained preference optimisation recipes: validate, then run (sae, precompute, train, evaluate).",
+    help="Feature-level constrained preference optimisation recipes: validate, then run (sft, sae, precompute, train, evaluate).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -35,13 +36,17 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="On an error, show the full traceback instead of one line (also FPO_DEBUG=1)."),
 ) -> None:
     """Feature-level constrained preference optimisation recipes: validate, then run (sae, precompute, train, evaluate)."""
+    DEBUG["on"] = debug or os.environ.get("FPO_DEBUG", "") not in ("", "0")
 
 
 def _summary(recipe: Recipe) -> str:
     o = recipe.objective
     parts = [f"{o.method} on {recipe.model.name_or_path}"]
+    if recipe.sft is not None:
+        parts[0] += f" after SFT on {recipe.sft.data.path} ({recipe.sft.data.format})"
     if uses_sae(recipe):
         sae = recipe.sae
         if sae.train is not None:
@@ -72,8 +77,11 @@ def _summary(recipe: Recipe) -> str:
 def validate(
     files: list[Path] = typer.Argument(..., help="Recipe YAML files to check."),
     overrides: list[str] = set_option(),
+    scan_rows: int = typer.Option(
+        50_000, "--scan-rows", min=0, help="Rows of each local data file to check (0: none; every stage checks all rows)."),
 ) -> None:
-    """Check recipes before spending compute: schema, method rules, and offline shape checks."""
+    """Check recipes before spending compute: schema, method rules, offline shape checks,
+    and the rows of local data files (bad rows by number, duplicates, chosen == rejected)."""
     failed = False
     for path in files:
         try:
@@ -88,6 +96,17 @@ def validate(
         for migration in recipe.migrations:
             typer.echo(f"{migration.file}: warning: {migration.describe()} (these keep the file's meaning; "
                        f"hint: state them and set schema_version: {SCHEMA_VERSION})", err=True)
+        if scan_rows:
+            from fpo_recipes.data_checks import scan_data
+
+            errors, notes = scan_data(recipe, scan_rows)
+            for note in notes:
+                typer.echo(f"{path}: {note}", err=True)
+            if errors:
+                failed = True
+                for error in errors:
+                    typer.echo(f"{path}: {error}", err=True)
+                continue
         typer.echo(f"ok {path}: {recipe.name}: {_summary(recipe)}")
     raise typer.Exit(1 if failed else 0)
 
@@ -120,3 +139,5 @@ def schema(
 # Stage commands live beside the stages they drive; each module adds itself to the app.
 for _module in (sae, precompute, train, evaluate, run, sweep, features, quickstart, recipes):
     _module.register(app)
+for _command in app.registered_commands + [c for g in app.registered_groups for c in g.typer_instance.registered_commands]:
+    _command.callback = one_line_errors(_command.callback)

@@ -52,14 +52,24 @@ def precompute(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from fpo_recipes.cache import CacheError, read_manifest, split_dir
+    from fpo_recipes.errors import describe_error
+    from fpo_recipes.ownership import FolderInUseError, folder_lock
     from fpo_recipes.sae import SAECompatError
     from fpo_recipes.stages.precompute import run_precompute
 
     try:
-        cache_dir = run_precompute(recipe, force=force, shard_size=shard_size, device=device)
+        with folder_lock(recipe.cache_dir, "precompute.cache_dir"):
+            cache_dir = run_precompute(recipe, force=force, shard_size=shard_size, device=device)
+    except FolderInUseError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     # OSError: a model or tokenizer that cannot be loaded (named by ModelLoadError), or the disk.
     except (CacheError, SAECompatError, ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        from fpo_recipes.cli.common import DEBUG
+
+        if DEBUG["on"]:
+            raise
+        typer.echo(describe_error(exc), err=True)
         raise typer.Exit(1) from None
     for split in ("train", "eval"):
         sdir = split_dir(cache_dir, split)

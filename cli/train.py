@@ -27,16 +27,24 @@ def train(
     ),
     launcher_args: list[str] = typer.Argument(None, help="Extra launcher arguments after `--`, e.g. -- --num_processes 2."),
     overrides: list[str] = set_option(),
+    force: bool = typer.Option(False, "--force", help="Take over a train.output_dir that another recipe owns."),
 ) -> None:
-    """Train a recipe through Axolotl with the FPO plugin (cache checked first)."""
+    """Train a recipe through Axolotl with the FPO plugin (cache checked first; the run
+    folder is locked and must belong to this recipe, see `fpo run --help`)."""
     recipe = load_recipe_or_exit(recipe_file, overrides)
+    from fpo_recipes.ownership import FolderInUseError, FolderOwnedError, check_owner, run_folder
     from fpo_recipes.stages.train import LAUNCHERS, axolotl_yaml_path, run_train
 
     if launcher not in LAUNCHERS:
         typer.echo(f"error: --launcher must be one of {', '.join(LAUNCHERS)}", err=True)
         raise typer.Exit(2)
     try:
-        out = run_train(recipe, launcher=launcher, launcher_args=launcher_args or None)
+        check_owner(recipe, force)
+        with run_folder(recipe, force, cache=False):
+            out = run_train(recipe, launcher=launcher, launcher_args=launcher_args or None)
+    except (FolderOwnedError, FolderInUseError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo(f"error: interrupted; a model in {recipe.output_dir} is only partly trained (hint: rerun `fpo train`)", err=True)
         raise typer.Exit(130) from None
@@ -80,8 +88,11 @@ def _fail(exc: BaseException, axolotl_yaml) -> NoReturn:
     """Print ``exc`` as one error (recipe-style ``file:line: field: message`` lines as they are), exit 1."""
     from pydantic import ValidationError
 
+    from fpo_recipes.cli.common import DEBUG
     from fpo_recipes.recipe import RecipeError
 
+    if DEBUG["on"]:
+        raise exc
     if isinstance(exc, RecipeError):  # includes AxolotlRecipeError
         message = str(exc)
     elif isinstance(exc, ValidationError):

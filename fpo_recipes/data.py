@@ -39,8 +39,10 @@ def quiet_datasets():
 
 # --- loading ---------------------------------------------------------------------------
 
-def load_source(recipe, source, field: str):
-    """A DataSource as a ``datasets.Dataset`` (raw columns), ``limit`` applied."""
+def load_source(recipe, source, field: str, check: bool = True):
+    """A DataSource as a ``datasets.Dataset`` (raw columns), ``limit`` applied; with
+    ``check`` its rows are checked (:mod:`fpo_recipes.data_checks`: a bad row is an error
+    naming it, a pair whose chosen equals rejected is skipped)."""
     import datasets
 
     location = recipe.resolve_input(source.path)
@@ -49,8 +51,16 @@ def load_source(recipe, source, field: str):
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{field}.path: {path} has an unknown extension (expected {', '.join(_FILE_BUILDERS)})")
-        with quiet_datasets():
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{field}.path: {path} is empty (hint: point it at a file of preference pairs)")
+        try:
+            with quiet_datasets():
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as exc:  # noqa: BLE001 - any loader failure: name the file (and the line)
+            from fpo_recipes.data_checks import unreadable_line
+
+            where = unreadable_line(path) or str(exc).strip().splitlines()[-1][:200]
+            raise ValueError(f"{field}.path: {path} cannot be read as {builder}: {where} (hint: fix the file)") from exc
     elif path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
@@ -71,6 +81,12 @@ def load_source(recipe, source, field: str):
             raise ValueError(f"{field}: column {col!r} is not in the data (columns: {', '.join(ds.column_names)})")
     if source.limit is not None:
         ds = ds.select(range(min(source.limit, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"{field}.path: {location} holds no rows (hint: point it at a file of preference pairs)")
+    if check:
+        from fpo_recipes.data_checks import check_rows
+
+        ds = check_rows(ds, source, field, location)
     return ds
 
 
@@ -183,6 +199,7 @@ def tokenize_pairs(ds, tokenizer, max_length: int, max_prompt_length: int):
     each response is cut so prompt + response <= ``max_length``."""
     bos_id = tokenizer.bos_token_id
     bos_text = tokenizer.bos_token
+    cut = {"prompts": 0, "responses": 0}  # reported: truncation is never silent
 
     def _row(row: dict[str, Any]) -> dict[str, list[int]]:
         prompt_text = row["prompt"]
@@ -191,19 +208,25 @@ def tokenize_pairs(ds, tokenizer, max_length: int, max_prompt_length: int):
         if bos_id is not None and not has_bos:
             ids = [bos_id] + ids
         if len(ids) > max_prompt_length:
+            cut["prompts"] += 1
             head = ids[:1] if bos_id is not None and ids[0] == bos_id else []
             ids = head + ids[len(ids) - (max_prompt_length - len(head)):]
         room = max_length - len(ids)
-        return {
-            "prompt_input_ids": ids,
-            "chosen_input_ids": _encode(tokenizer, row["chosen"])[:room],
-            "rejected_input_ids": _encode(tokenizer, row["rejected"])[:room],
-        }
+        chosen, rejected = _encode(tokenizer, row["chosen"]), _encode(tokenizer, row["rejected"])
+        cut["responses"] += (len(chosen) > room) + (len(rejected) > room)
+        return {"prompt_input_ids": ids, "chosen_input_ids": chosen[:room], "rejected_input_ids": rejected[:room]}
 
     if not len(ds):
         return ds
     with quiet_datasets():
-        return ds.map(_row, load_from_cache_file=False)
+        out = ds.map(_row, load_from_cache_file=False)
+    if cut["prompts"] or cut["responses"]:
+        import logging
+
+        logging.getLogger("fpo_recipes.data").warning(
+            "%d of %d prompts were longer than data.max_prompt_length %d (cut from the left, BOS kept); %d responses "
+            "were cut to fit data.max_length %d", cut["prompts"], len(ds), max_prompt_length, cut["responses"], max_length)
+    return out
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict:

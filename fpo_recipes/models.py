@@ -67,6 +67,10 @@ def naming_the_model(recipe, which: str):
         raise
     except OSError as exc:
         section = "reference" if which == "reference" and recipe.reference is not None else "model"
+        if section == "model" and which != "base" and recipe.sft is not None:
+            missing = recipe.start_model.name_or_path
+            raise ModelLoadError(f"sft: cannot load the SFT model {missing}: {(str(exc).strip().splitlines() or [''])[0]} "
+                                 "(hint: run the sft stage first: fpo run RECIPE --only sft)") from exc
         name = getattr(recipe, section).name_or_path
         # (a built-in name or GGUF file is not resolved: that would convert it again)
         location = recipe.resolve_input(name) if is_converted_on_load(name) else resolve_model_path(recipe.resolve_input(name), recipe.base_dir)
@@ -85,13 +89,14 @@ def naming_the_model(recipe, which: str):
 
 
 def _model_location(recipe, which: str = "reference") -> tuple[str, str | None]:
-    """(resolved path or hub name, revision) of the policy (``model``) or the reference."""
-    ref = recipe.reference_model if which == "reference" else recipe.model
+    """(resolved path or hub name, revision) of the reference, the policy's start (``model``:
+    the SFT model when the recipe has `sft`) or the ``base`` model (``model.name_or_path``)."""
+    ref = {"reference": recipe.reference_model, "model": recipe.start_model}.get(which, recipe.model)
     return resolve_model_path(recipe.resolve_input(ref.name_or_path), recipe.base_dir), ref.revision
 
 
 def load_model_config(recipe, which: str = "reference"):
-    """The transformers config of the reference (or policy) model; no weights are read."""
+    """The transformers config of the reference, policy start (``model``) or ``base`` model; no weights are read."""
     from transformers import AutoConfig
 
     path, revision = _model_location(recipe, which)

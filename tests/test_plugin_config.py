@@ -133,3 +133,29 @@ def test_recipe_without_a_file_exports_a_snapshot(tmp_path, tiny_model_dir, tiny
     cfg = yaml.safe_load(path.read_text())
     assert cfg["fpo_recipe"].endswith("axolotl.recipe.yaml")
     assert cache_fingerprint(recipe_for_axolotl_cfg(cfg)) == cache_fingerprint(recipe)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"fpo_alpah": 0.9}, r"fpo_alpah: unknown FPO plugin key \(did you mean fpo_alpha\?\)"),
+        ({"fpo_alpha": "high"}, r"fpo_alpha: 'high': Input should be a valid number"),
+        ({"fpo_k": 2.5}, r"fpo_k: 2\.5: Input should be a valid integer"),
+    ],
+    ids=["misspelt", "wrong-type", "fraction-for-int"],
+)
+def test_unknown_or_mistyped_plugin_keys_are_one_line_errors(write_recipe, tmp_path, edit, message):
+    """Axolotl's validation would drop a misspelt key (training on the default) and bury a
+    wrongly typed one in a pydantic traceback: the plugin refuses both, naming the key."""
+    from typer.testing import CliRunner
+
+    from axolotl.cli.config import load_cfg
+    from fpo_recipes.axolotl import AxolotlConfigError
+    from fpo_recipes.cli.main import app
+
+    out = tmp_path / "ax.yaml"
+    assert CliRunner().invoke(app, ["export-axolotl", str(write_recipe()), "-o", str(out)]).exit_code == 0
+    cfg = yaml.safe_load(out.read_text())
+    out.write_text(yaml.safe_dump({**cfg, **edit}))
+    with pytest.raises(AxolotlConfigError, match=message):
+        load_cfg(str(out))

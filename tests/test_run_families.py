@@ -38,7 +38,7 @@ def test_fpo_run_trains_its_sae_and_runs_end_to_end(family, tmp_path, pairs_file
     lines: list[str] = []
     results = pipeline.run_pipeline(recipe, echo=lines.append)
     assert [(line.split()[0], line.split()[1]) for line in lines[0].splitlines()[1:]] == [
-        ("sae", "run"), ("precompute", "run"), ("train", "run"), ("evaluate", "run")]
+        ("sft", "skip"), ("sae", "run"), ("precompute", "run"), ("train", "run"), ("evaluate", "run")]
     [sae_dir] = results["sae"]
     stats = read_record(sae_dir)["stats"]
     assert stats["explained_variance"] >= 0.5 and stats["l0"] <= 4
@@ -51,4 +51,4 @@ def test_fpo_run_trains_its_sae_and_runs_end_to_end(family, tmp_path, pairs_file
                               DiscoveryParams(top=5, ratio=1.0, min_z=-10.0), device="cpu")
     assert found["features"] and all(0 <= f < SAE_TRAIN["width"] for f in found["features"])
 
-    assert [p.action for p in pipeline.plan_pipeline(load_and_check(path))] == ["reuse"] * 4
+    assert [p.action for p in pipeline.plan_pipeline(load_and_check(path))] == ["skip"] + ["reuse"] * 4  # sft: none

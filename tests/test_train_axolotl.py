@@ -390,7 +390,7 @@ def test_train_cli_errors_are_one_line(make_recipe, monkeypatch, tmp_path):
     no_weights = tmp_path / "config_only"
     no_weights.mkdir()
     shutil.copy(Path(recipe.model.name_or_path) / "config.json", no_weights / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (Path(recipe.model.name_or_path) / name).is_file():
             shutil.copy(Path(recipe.model.name_or_path) / name, no_weights / name)
     broken = make_recipe("simpo-no-weights", "simpo", model={"name_or_path": str(no_weights), "dtype": "float32"})

@@ -338,7 +338,7 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
         "batch_size": batch,
         "scheduler": scheduler if scheduler in RECIPE_SCHEDULERS else None,
         "optimizer": optimizer if optimizer in OPTIMIZERS else None,
-        "precision": "bf16" if bf16 is True else "fp16" if fp16 is True else "fp32",
+        "precision": "bf16" if bf16 is True else "fp16" if fp16 is True else "auto" if bf16 == "auto" else "fp32",
         "output_dir": output_dir,
     })
     data: dict[str, Any] = {

@@ -42,7 +42,8 @@ def _exported_fpo_fields(recipe, cfg: dict[str, Any]) -> dict[str, Any]:
 def _policy_location(recipe) -> str:
     from fpo_recipes.models import resolve_model_path
 
-    return resolve_model_path(recipe.resolve_input(recipe.model.name_or_path), recipe.base_dir)
+    start = recipe.start_model  # the SFT model when the recipe has `sft`
+    return resolve_model_path(recipe.resolve_input(start.name_or_path), recipe.base_dir)
 
 
 def default_attention(location: str, revision: str | None) -> dict[str, str]:
@@ -64,19 +65,23 @@ def build_axolotl_config(recipe) -> dict[str, Any]:
     m, t, d = recipe.model, recipe.train, recipe.data
     location = _policy_location(recipe)
     cfg: dict[str, Any] = {"base_model": location}
-    if m.revision:
-        cfg["revision_of_model"] = m.revision
+    revision = recipe.start_model.revision
+    if revision:
+        cfg["revision_of_model"] = revision
     if m.trust_remote_code:
         cfg["trust_remote_code"] = True
-    cfg.update(default_attention(location, m.revision))
+    cfg.update(default_attention(location, revision))
 
     # precision: train.precision is mixed precision, model.dtype the load dtype otherwise
-    cfg["bf16"] = t.precision == "bf16"
-    cfg["fp16"] = t.precision == "fp16"
+    from fpo_recipes.preflight import resolve_precision
+
+    precision, _ = resolve_precision(t.precision)
+    cfg["bf16"] = precision == "bf16"
+    cfg["fp16"] = precision == "fp16"
     cfg["tf32"] = False
-    if t.precision == "fp32" and m.dtype == "bfloat16":
+    if precision == "fp32" and m.dtype == "bfloat16":
         cfg["bfloat16"] = True
-    elif t.precision == "fp32" and m.dtype == "float16":
+    elif precision == "fp32" and m.dtype == "float16":
         cfg["float16"] = True
 
     if m.load_in_8bit:

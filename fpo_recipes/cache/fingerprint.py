@@ -164,7 +164,8 @@ def cache_fingerprint(recipe, split: str = "train") -> dict[str, Any]:
     """Every input the ``split`` cache depends on, as a flat JSON-able dict keyed by field."""
     ref = recipe.reference_model
     ref_location = _location(recipe, ref.name_or_path)
-    tok_location = _location(recipe, recipe.model.name_or_path)
+    start = recipe.start_model  # the policy's start: its tokenizer is the one training uses
+    tok_location = _location(recipe, start.name_or_path)
     template = recipe.data.chat_template
     if template not in (None, "tokenizer"):
         template = "sha256:" + hashlib.sha256(template.encode()).hexdigest()
@@ -177,7 +178,7 @@ def cache_fingerprint(recipe, split: str = "train") -> dict[str, Any]:
         "reference.dtype": ref.dtype,
         "tokenizer (model.name_or_path)": {
             "name_or_path": _name(tok_location),
-            "revision": recipe.model.revision,
+            "revision": start.revision,
             "content": tokenizer_content_digest(tok_location),
         },
         "data.chat_template": template,

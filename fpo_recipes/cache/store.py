@@ -7,12 +7,15 @@ finished ``datasets`` data set and its manifest.
     <cache_dir>/eval/data/
     <split dir>/.partial/              only while building (removed when finished):
         fingerprint.json               inputs of the interrupted build (never mixed with others)
+        layout.json                    its shard size (a resume without --shard-size keeps it)
         shards/shard-00003.arrow       rows [3·S, 4·S) in data order, Arrow IPC
         progress/shard-00003.json      its sha256, size and row count, written after the shard
 
 Every file is written to a temporary name then ``os.replace``d, so a kill leaves either
 the old file or the new one. A shard counts as done only if its progress record exists and
-its checksum matches, which catches truncated or half-copied shards.
+its checksum matches, which catches truncated or half-copied shards. A rebuild happens
+beside the finished cache (in ``.partial``) and replaces it only once complete, so an
+interrupted rebuild never costs the old cache.
 """
 
 from __future__ import annotations
@@ -163,6 +166,33 @@ def begin_partial(sdir: Path, fingerprint: dict[str, Any]) -> Path:
     return pdir
 
 
+def partial_fingerprint(sdir: Path) -> dict[str, Any] | None:
+    """The inputs of the interrupted build in ``sdir``, None if there is none or it is unreadable."""
+    try:
+        fp = json.loads((partial_dir(sdir) / "fingerprint.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return fp if isinstance(fp, dict) else None
+
+
+def discard_partial(sdir: Path) -> None:
+    """Drop an interrupted build (the finished cache beside it, if any, stays usable)."""
+    shutil.rmtree(partial_dir(sdir), ignore_errors=True)
+
+
+def recorded_shard_size(sdir: Path) -> int | None:
+    """The shard size of the interrupted build in ``sdir`` (None: none recorded)."""
+    try:
+        size = json.loads((partial_dir(sdir) / "layout.json").read_text()).get("shard_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def record_shard_size(sdir: Path, shard_size: int) -> None:
+    atomic_write_json(partial_dir(sdir) / "layout.json", {"shard_size": shard_size})
+
+
 # --- finishing -------------------------------------------------------------------------
 
 def _data_files(sdir: Path) -> dict[str, dict[str, Any]]:
@@ -278,14 +308,18 @@ def check_manifest(sdir: Path, fingerprint: dict[str, Any] | None, verify: bool 
     return manifest
 
 
-def open_split(sdir: Path, fingerprint: dict[str, Any] | None = None, verify: bool = True):
-    """The finished cache in ``sdir`` as a memory-mapped ``datasets.Dataset``."""
+def open_split(sdir: Path, fingerprint: dict[str, Any] | None = None, verify: bool = True, in_memory: bool = False):
+    """The finished cache in ``sdir`` as a memory-mapped ``datasets.Dataset``.
+
+    ``in_memory=True`` (what training uses) reads the checksummed files into memory, so no
+    ``.map`` on it ever writes or reuses a map-cache file inside the cache folder: those
+    would not be covered by the manifest's checksums."""
     import datasets
 
     manifest = check_manifest(sdir, fingerprint, verify)
     data = Path(sdir) / DATA_DIR
     try:
-        ds = datasets.load_from_disk(str(data))
+        ds = datasets.load_from_disk(str(data), keep_in_memory=in_memory)
     except Exception as exc:  # noqa: BLE001 - any failure to read is corruption here
         raise CacheCorruptError(f"cache data set {data} is unreadable: {exc}", str(data)) from exc
     if len(ds) != manifest["num_rows"] or list(ds.column_names) != list(COLUMNS):
@@ -293,11 +327,11 @@ def open_split(sdir: Path, fingerprint: dict[str, Any] | None = None, verify: bo
     return ds
 
 
-def open_cache(recipe, split: str = "train", verify: bool = True):
+def open_cache(recipe, split: str = "train", verify: bool = True, in_memory: bool = False):
     """The reference cache of ``recipe`` for ``split``, checked against the recipe.
 
     Raises CacheMissingError (never built / interrupted), CacheMismatchError (built from
     other inputs; names them) or CacheCorruptError (names the damaged file)."""
     from fpo_recipes.cache.fingerprint import cache_fingerprint
 
-    return open_split(split_dir(recipe.cache_dir, split), cache_fingerprint(recipe, split), verify)
+    return open_split(split_dir(recipe.cache_dir, split), cache_fingerprint(recipe, split), verify, in_memory)

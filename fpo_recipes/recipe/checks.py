@@ -43,7 +43,29 @@ def check_recipe(recipe: Recipe, unparsed: frozenset[str] = frozenset()) -> list
         issues += _check_trackers(recipe)
     if not {"objective", "sae"} & unparsed and uses_sae(recipe):
         issues += _check_sae_shapes(recipe, unparsed)
+    if not {"model", "data"} & unparsed:
+        issues += _check_chat_template(recipe)
     return issues
+
+
+def _check_chat_template(recipe: Recipe) -> list[RecipeIssue]:
+    """``chat_template: tokenizer`` needs a tokenizer that has one (a local folder is read
+    here; a hub or GGUF tokenizer is checked by `fpo run`'s preflight)."""
+    import json
+
+    root = Path(recipe.resolve_input(recipe.model.name_or_path))
+    if recipe.data.chat_template != "tokenizer" or not (root / "tokenizer_config.json").is_file():
+        return []
+    if (root / "chat_template.jinja").is_file() or (root / "chat_template.json").is_file():
+        return []
+    try:
+        if json.loads((root / "tokenizer_config.json").read_text()).get("chat_template"):
+            return []
+    except (OSError, ValueError, AttributeError):
+        return []  # an unreadable tokenizer is reported where it is loaded
+    return [_issue(recipe, ("data", "chat_template"),
+                   f"'tokenizer', but the tokenizer in {root} has no chat template "
+                   "(hint: give a Jinja template, or null for plain text)")]
 
 
 def _check_trackers(recipe: Recipe) -> list[RecipeIssue]:
@@ -73,17 +95,21 @@ def _check_files(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
         if c.features_file is None:
             continue
         try:
-            read_features_file(recipe.resolve_input(c.features_file))
+            if not read_features_file(recipe.resolve_input(c.features_file)):
+                raise ValueError(f"features_file {c.features_file} lists no feature ids (a constraint on no features "
+                                 "does nothing)")
         except (OSError, ValueError) as exc:
             issues.append(_issue(recipe, ("constraints", i, "features_file"), f"{exc} (hint: run `fpo features discover` to write one)"))
     sources = []
     if "data" not in unparsed:
         sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
-    for split, source in sources:
+    located = [(("data", split, "path"), source) for split, source in sources]
+    if "sft" not in unparsed and recipe.sft is not None:
+        located.append((("sft", "data", "path"), recipe.sft.data))
+    for loc, source in located:
         resolved = recipe.resolve_input(source.path)
         if _looks_local(source.path) and not Path(resolved).exists():
-            issues.append(_issue(recipe, ("data", split, "path"),
-                f"{resolved} does not exist (hint: relative paths are read from the recipe's folder)"))
+            issues.append(_issue(recipe, loc, f"{resolved} does not exist (hint: relative paths are read from the recipe's folder)"))
     # A model given as a local path (./x, ../x, /x, ~/x) must be there; "org/name" is a hub name.
     models = [("model", recipe.model)] if "model" not in unparsed else []
     if recipe.reference is not None and "reference" not in unparsed:

@@ -27,15 +27,17 @@ def read_features_file(path: str | Path) -> list[int]:
             data = data.get("features")
             if isinstance(data, list):
                 data = [f.get("id") if isinstance(f, dict) else f for f in data]
-        if not isinstance(data, list) or not all(isinstance(i, int) and i >= 0 for i in data):
+        # (bool is an int subclass: true/false would silently be ids 1 and 0)
+        if not isinstance(data, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in data):
             raise ValueError(f"features_file {path}: expected a list of non-negative ints")
-        return data
-    ids = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if not line.isdigit():
-            raise ValueError(f"features_file {path}:{n}: {line!r} is not a feature id")
-        ids.append(int(line))
+        ids = data
+    else:
+        ids = []
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if not line.isdigit():
+                raise ValueError(f"features_file {path}:{n}: {line!r} is not a feature id")
+            ids.append(int(line))
     return ids

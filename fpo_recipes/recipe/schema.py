@@ -346,7 +346,8 @@ class TrainSpec(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = True
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="mixed precision; auto: bf16 where this machine supports it, else fp32 (logged)")
     seed: int = 42
     output_dir: str | None = Field(None, description="defaults to runs/<name>")
     logging_steps: int = Field(1, ge=1)
@@ -384,6 +385,41 @@ class TrainSpec(Section):
     @property
     def gradient_accumulation_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
+
+
+SFTDataFormat = Literal["conversation", "columns"]
+
+
+class SFTDataSource(Section):
+    """The SFT data: chat conversations, or prompt/response columns as plain text."""
+
+    path: str = Field(description="local .jsonl/.json/.parquet/.csv file, a saved datasets dir, or a hub data set name")
+    split: str = "train"
+    format: SFTDataFormat = Field(
+        "conversation", description="conversation: a list of {role, content} turns, rendered with data.chat_template and "
+        "trained on the assistant turns; columns: prompt + response as plain text, trained on the response")
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    limit: int | None = Field(None, ge=1, description="rows at most (the first ones)")
+
+
+class SFTSpec(TrainSpec):
+    """Supervised fine-tuning before preference optimisation (the `sft` stage, through Axolotl).
+
+    Its model is the policy's starting point and, without a `reference` section, the
+    reference. The optimisation fields mean what they mean in `train`; the model is trained
+    in full (model.adapter applies to the preference stage)."""
+
+    data: SFTDataSource
+    learning_rate: float = Field(2e-5, gt=0)
+    batch_size: int = Field(128, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = "cosine"
+    max_length: int | None = Field(None, ge=2, description="tokens per example (default data.max_length)")
+    output_dir: str | None = Field(
+        None, description="where the SFT model is kept (default runs/sft/<model>-<fingerprint>: shared by every "
+        "recipe with the same model, SFT data and SFT settings, so it is trained once)")
 
 
 class PrecomputeSpec(Section):
@@ -476,6 +512,7 @@ class Recipe(Section):
         None, description="base recipe: a path relative to this file, a shipped recipe name (fpo recipes list), "
         "or {url, sha256}; this file's keys override its keys")
     model: ModelSpec
+    sft: SFTSpec | None = None
     reference: ReferenceSpec | None = None
     sae: SAESpec | None = None
     objective: ObjectiveSpec
@@ -532,7 +569,19 @@ class Recipe(Section):
                 f"{self.precompute.k_cache} must be >= objective.k ({o.k}) (hint: the cache stores the reference's top-k_cache features)"))
         if parsed("sae") and self.sae is not None and self.sae.known_width is not None and o.k > self.sae.known_width:
             problems.append((("objective", "k"), k_past_width(o.k, self.sae.known_width)))
+        if parsed("sft", "data") and self.sft is not None:
+            problems += self._sft_problems()
         return problems
+
+    def _sft_problems(self) -> list[tuple[tuple, str]]:
+        fmt, template = self.sft.data.format, self.data.chat_template
+        if fmt == "conversation" and template is None:
+            return [(("sft", "data", "format"), "conversation turns are rendered with data.chat_template, which is null "
+                     "(hint: set data.chat_template, or use format: columns for plain prompt + response text)")]
+        if fmt == "columns" and template is not None:
+            return [(("sft", "data", "format"), "columns are trained as plain prompt + response text, but the preference "
+                     "data uses data.chat_template (hint: use format: conversation, or data.chat_template: null)")]
+        return []
 
     # --- resolved views -------------------------------------------------------------
     @property
@@ -578,9 +627,19 @@ class Recipe(Section):
         return Path(self.precompute.cache_dir or self.output_dir / "ref_cache")
 
     @property
+    def start_model(self) -> ModelRef:
+        """The policy's starting model: the sft stage's output when the recipe has `sft`, else
+        `model` (see :func:`fpo_recipes.recipe.sft_location.policy_start`)."""
+        from fpo_recipes.recipe.sft_location import policy_start
+
+        return policy_start(self)
+
+    @property
     def reference_model(self) -> ModelRef:
-        source = self.reference or self.model
-        return ModelRef(name_or_path=source.name_or_path, revision=source.revision, dtype=source.dtype)
+        if self.reference is None:
+            return self.start_model
+        r = self.reference
+        return ModelRef(name_or_path=r.name_or_path, revision=r.revision, dtype=r.dtype)
 
     def objective_config(self):
         from fpo_recipes.objectives import ObjectiveConfig

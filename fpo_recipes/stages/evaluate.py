@@ -140,8 +140,9 @@ def load_trained_model(recipe: Recipe, model_dir: Path, device=None):
     if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         from peft import PeftModel
 
-        base_path = resolve_model_path(recipe.resolve_input(recipe.model.name_or_path), recipe.base_dir)
-        base = AutoModelForCausalLM.from_pretrained(base_path, revision=recipe.model.revision, **kwargs)
+        start = recipe.start_model  # the model the adapter was trained on (the SFT model with `sft`)
+        base_path = resolve_model_path(recipe.resolve_input(start.name_or_path), recipe.base_dir)
+        base = AutoModelForCausalLM.from_pretrained(base_path, revision=start.revision, **kwargs)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)

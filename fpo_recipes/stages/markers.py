@@ -27,7 +27,12 @@ def fingerprint(sections: dict[str, Any]) -> str:
 
 
 def marker_path(recipe, stage: str) -> Path:
-    return recipe.output_dir / f"{stage}.done.json"
+    """``<output_dir>/<stage>.done.json``, or beside the output a stage shares between recipes
+    (its registry entry's ``marker_dir``)."""
+    from fpo_recipes.stages.registry import STAGES
+
+    where = STAGES[stage].marker_dir(recipe) if stage in STAGES else recipe.output_dir
+    return Path(where) / f"{stage}.done.json"
 
 
 def read_marker(recipe, stage: str) -> dict | None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fpo_recipes.cache import store
-from fpo_recipes.cache.errors import CacheCorruptError, CacheMissingError
+from fpo_recipes.cache.errors import CacheCorruptError, CacheError, CacheMissingError
 from fpo_recipes.cache.fingerprint import cache_fingerprint
 
 log = logging.getLogger("fpo_recipes.precompute")
@@ -132,17 +132,28 @@ def _check_responses(tokenized, field: str) -> None:
                 raise ValueError(f"{field}: pair {i} (pair_id {r['pair_id']}) has an empty {side} response after tokenization")
 
 
-def _split_state(sdir: Path, fingerprint: dict, force: bool) -> str:
-    """'done' (a matching, intact cache exists), or 'build'. Raises on mismatch/corruption."""
+def _split_state(sdir: Path, fingerprint: dict, force: bool, replace: bool) -> str:
+    """'done' (a matching, intact cache exists) or 'build' (resuming an interrupted build of
+    these inputs where there is one). A finished cache or an interrupted build of other
+    inputs, or a damaged cache, raises, unless ``replace``: then it is rebuilt (beside the
+    old cache, which stays until the new one is complete)."""
     if force:
         return "build"
+    if store.partial_fingerprint(sdir) == fingerprint:
+        return "build"  # resume it, even beside a finished cache of other inputs it will replace
     try:
-        store.check_manifest(sdir, fingerprint, verify=True)  # mismatch / corruption propagate
+        store.open_split(sdir, fingerprint, verify=True)  # mismatch / corruption / row count propagate
         return "done"
     except CacheMissingError:
-        if store.partial_dir(sdir).exists():
-            store.begin_partial(sdir, fingerprint)  # raises if the partial build had other inputs
+        if store.partial_dir(sdir).exists() and not replace:
+            store.begin_partial(sdir, fingerprint)  # raises: the partial build had other inputs
         return "build"
+    except CacheError as exc:
+        if replace:
+            log.warning("reference cache %s cannot be reused (%s); rebuilding it (the old one stays until the new "
+                        "one is complete)", sdir, str(exc).splitlines()[0])
+            return "build"
+        raise
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -153,11 +164,14 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 
 
 def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None, device: str | None = None,
-                   show_progress: bool = True) -> Path:
+                   show_progress: bool = True, replace: bool = False) -> Path:
     """Build (or resume, or reuse) the reference cache of ``recipe``; return ``cache_dir``.
 
     Same inputs as an existing cache: nothing is done. Different inputs: CacheMismatchError
-    naming them (``force=True`` rebuilds). A damaged cache: CacheCorruptError naming the file."""
+    naming them. A damaged cache: CacheCorruptError naming the file. ``replace=True`` rebuilds
+    either instead; ``force=True`` rebuilds whatever is there. A rebuild is written beside the
+    old cache and replaces it only when complete. Without ``shard_size`` an interrupted build
+    resumes with its own shard size (else DEFAULT_SHARD_SIZE)."""
     from accelerate import PartialState
 
     from fpo_recipes.data import has_eval_split, load_preference_data, tokenize_pairs
@@ -167,7 +181,6 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
     on_cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)  # cpu=True: several CPU processes (torchrun) still shard the work
     device = torch.device(device) if device is not None else state.device
-    shard_size = shard_size or DEFAULT_SHARD_SIZE
     cache_dir = Path(recipe.cache_dir)
     # Methods other than fpo ignore an `sae:` section: never load (or download) it for them.
     layers = recipe.sae.layers if uses_sae(recipe) else []
@@ -183,7 +196,7 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
     for split in splits:
         sdir = store.split_dir(cache_dir, split)
         fingerprint = cache_fingerprint(recipe, split)
-        if _split_state(sdir, fingerprint, force) == "done":
+        if _split_state(sdir, fingerprint, force, replace) == "done":
             log.info("reference cache %s is up to date (%s pairs); nothing to do", sdir, split)
             continue
         todo.append((split, sdir, fingerprint))
@@ -203,16 +216,22 @@ def run_precompute(recipe, force: bool = False, *, shard_size: int | None = None
         _check_responses(tokenized, field)
         prepared.append((split, sdir, fingerprint, tokenized))
 
-    if state.is_main_process:
-        for _, sdir, fingerprint, _ in prepared:
-            if force:
-                store.remove_split(sdir)
+    sizes, resuming = {}, {}
+    for _, sdir, fingerprint, _ in prepared:
+        resuming[sdir] = not force and store.partial_fingerprint(sdir) == fingerprint
+        sizes[sdir] = shard_size or (store.recorded_shard_size(sdir) if resuming[sdir] else None) or DEFAULT_SHARD_SIZE
+    state.wait_for_everyone()  # every process has read the partial build before it changes
+    for _, sdir, fingerprint, _ in prepared:
+        if state.is_main_process:
+            if not resuming[sdir]:
+                store.discard_partial(sdir)  # another build's shards (a finished cache stays until replaced)
             store.begin_partial(sdir, fingerprint)
+            store.record_shard_size(sdir, sizes[sdir])
     state.wait_for_everyone()
 
     model = load_reference_model(recipe, device=device)
     for split, sdir, fingerprint, tokenized in prepared:
-        _build_split(state, model, saes, tokenized, split, sdir, fingerprint, recipe, tokenizer, shard_size,
+        _build_split(state, model, saes, tokenized, split, sdir, fingerprint, recipe, tokenizer, sizes[sdir],
                      target_ids, show_progress)
     return cache_dir
 
@@ -280,7 +299,7 @@ def _input_locations(recipe, split: str) -> dict[str, Any]:
     source = recipe.data.eval if split == "eval" and recipe.data.eval is not None else recipe.data.train
     return {
         "reference": recipe.resolve_input(recipe.reference_model.name_or_path),
-        "tokenizer": recipe.resolve_input(recipe.model.name_or_path),
+        "tokenizer": recipe.resolve_input(recipe.start_model.name_or_path),
         "sae": {str(k): v for k, v in sae_sources(recipe).items()} if uses_sae(recipe) else {},
         "data": recipe.resolve_input(source.path),
     }
@@ -294,11 +313,21 @@ def _pair_ids_digest(pair_ids: list[str]) -> str:
 
 def run_stage(recipe, force: bool) -> Path:
     """The pipeline's precompute stage (see stages/registry.py): the cache made to match the
-    recipe — one built from other inputs is rebuilt rather than refused."""
+    recipe. It checks the cache itself (same definition as `fpo precompute`: the cache
+    fingerprint), so a reused cache costs nothing and an interrupted build resumes; a cache
+    of other inputs or a damaged one is rebuilt beside it and then swapped in — unless other
+    run folders trained on it (a shared cache is read-only to `fpo run`)."""
     from fpo_recipes.cache import CacheMismatchError
+    from fpo_recipes.ownership import other_cache_users
 
+    others = other_cache_users(recipe)
     try:
-        return run_precompute(recipe, force=force)
+        return run_precompute(recipe, force=force, replace=not others)
     except CacheMismatchError as exc:
-        print(f"[precompute] the existing cache was built from other inputs, rebuilding: {exc}")
-        return run_precompute(recipe, force=True)
+        if not others:
+            raise
+        changed = ", ".join(exc.changed)
+        raise CacheMismatchError(
+            f"precompute.cache_dir {recipe.cache_dir} is shared: {', '.join(others)} trained on it as it is, and this "
+            f"recipe needs other inputs ({changed}) (hint: give this recipe a precompute.cache_dir of its own, or "
+            "`fpo precompute RECIPE --force` to rebuild the shared cache for it)", exc.changed) from None

@@ -8,9 +8,16 @@ A :class:`Stage` says, for any recipe:
 - ``sections(recipe)`` — the resolved recipe sections it depends on: their fingerprint
   decides whether a finished run can be reused;
 - ``outputs(recipe)`` — where its outputs go (checked to still exist before reuse);
+- ``marker_dir(recipe)`` — where its done marker lives (default the run folder; a stage whose
+  output is shared between recipes keeps it beside that output, so every recipe sees one run);
 - ``runner`` — ``"module:function"``, imported only when the stage runs, called as
   ``function(recipe, force) -> output path(s) | None``; ``force`` asks it to redo work its
-  own checks would reuse (``--from``, ``--only``, a stale previous run).
+  own checks would reuse (``--from``, ``--only``, a stale previous run);
+- ``self_checking`` — the runner itself decides, by the same definition as ``sections``,
+  what of its previous work is reusable (precompute: the cache fingerprint), so a stale
+  marker does not force it: an interrupted build resumes, a matching cache is kept;
+- ``intact(recipe)`` — optional cheap check that reused outputs are still usable (``None``
+  when they are, else why not; the stage then reruns).
 
 The planner and runner (:mod:`fpo_recipes.stages.run`) know nothing beyond this table, so
 adding a stage is one module with its runner plus one ``Stage(...)`` in :data:`PIPELINE`
@@ -41,6 +48,9 @@ class Stage:
     outputs: Callable[[Recipe], list[Path]]
     runner: str
     help: str
+    marker_dir: Callable[[Recipe], Path] = lambda recipe: Path(recipe.output_dir)
+    self_checking: bool = False
+    intact: Callable[[Recipe], str | None] | None = None
 
     def run(self, recipe: Recipe, force: bool) -> Any:
         module, _, function = self.runner.partition(":")
@@ -53,6 +63,9 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     descriptions dropped: they change no output)."""
     d = recipe.to_yaml_dict()
     d["model"]["name_or_path"] = recipe.resolve_input(recipe.model.name_or_path)
+    if recipe.sft is not None:  # the policy starts from the sft stage's model (named by its inputs)
+        d["model"]["start"] = recipe.start_model.name_or_path
+        d.pop("sft")  # the sft stage's input; later stages depend on its model (d["model"]["start"])
     d["reference"] = recipe.reference_model.model_dump(mode="json")
     d["reference"]["name_or_path"] = recipe.resolve_input(d["reference"]["name_or_path"])
     if recipe.sae is not None and recipe.sae.path:
@@ -85,6 +98,23 @@ def data_content(recipe: Recipe) -> dict[str, str | None]:
 
 def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: d[k] for k in keys}
+
+
+# --- sft -------------------------------------------------------------------------------------
+def _sft_not_needed(recipe: Recipe) -> str | None:
+    return None if recipe.sft is not None else "the recipe has no sft section (the policy starts from model.name_or_path)"
+
+
+def _sft_sections(recipe: Recipe) -> dict[str, Any]:
+    from fpo_recipes.recipe.sft_location import sft_inputs
+
+    return sft_inputs(recipe)
+
+
+def _sft_dir(recipe: Recipe) -> Path:
+    from fpo_recipes.recipe.sft_location import sft_dir
+
+    return sft_dir(recipe) if recipe.sft is not None else Path(recipe.output_dir)
 
 
 # --- sae -------------------------------------------------------------------------------------
@@ -122,15 +152,35 @@ def _precompute_not_needed(recipe: Recipe) -> str | None:
     return None
 
 
+def cache_dependencies(recipe: Recipe) -> dict[str, Any]:
+    """What the reference cache depends on: the cache fingerprint of each split it holds.
+
+    The one definition the stage plan and the precompute stage share (the stage reuses a
+    cache whose manifest carries exactly these). Beta, alpha, k, constraint weights and
+    precompute.batch_size are not in it: changing them keeps the cache."""
+    from fpo_recipes.data import has_eval_split
+
+    splits = ["train"] + (["eval"] if has_eval_split(recipe) else [])
+    return {split: cache_fingerprint(recipe, split) for split in splits}
+
+
 def _precompute_sections(recipe: Recipe) -> dict[str, Any]:
-    d = resolved_recipe(recipe)
-    return {
-        "model": {"name_or_path": d["model"]["name_or_path"], "revision": d["model"]["revision"]},  # tokenizer
-        **_pick(d, "reference", "sae", "data", "precompute"),
-        "pooling": d["objective"]["pooling"],
-        "constraints": d["constraints"],
-        "cache_fingerprint": cache_fingerprint(recipe),  # also covers data, model and SAE contents
-    }
+    return {"cache": cache_dependencies(recipe), "cache_dir": str(recipe.cache_dir)}
+
+
+def _cache_intact(recipe: Recipe) -> str | None:
+    """A look at the finished cache before reuse: manifest, files and their checksums, row count
+    (the cache is O(pairs x k) small, so hashing it is cheap next to a rerun)."""
+    from fpo_recipes.cache import CacheError
+    from fpo_recipes.cache.store import open_split, split_dir
+
+    for split, fp in cache_dependencies(recipe).items():
+        sdir = split_dir(recipe.cache_dir, split)
+        try:
+            open_split(sdir, fp, verify=True)
+        except CacheError as exc:
+            return f"the {split} cache is not usable: {str(exc).splitlines()[0]}"
+    return None
 
 
 # --- train and evaluate ---------------------------------------------------------------------
@@ -140,8 +190,10 @@ def _always_needed(recipe: Recipe) -> str | None:
 
 def _train_sections(recipe: Recipe) -> dict[str, Any]:
     d = resolved_recipe(recipe)
-    keys = ("model", "reference", "sae", "objective", "constraints", "data", "train", "precompute")
-    return {**_pick(d, *keys), "data_content": data_content(recipe)}
+    keys = ("model", "reference", "sae", "objective", "constraints", "data", "train")
+    # precompute.batch_size changes no cached value; the cache itself is upstream (its run id)
+    precompute = {k: v for k, v in d["precompute"].items() if k != "batch_size"}
+    return {**_pick(d, *keys), "precompute": precompute, "data_content": data_content(recipe)}
 
 
 def _evaluate_sections(recipe: Recipe) -> dict[str, Any]:
@@ -153,8 +205,18 @@ def _evaluate_sections(recipe: Recipe) -> dict[str, Any]:
 # --- the pipeline, in order ---------------------------------------------------------------
 PIPELINE: tuple[Stage, ...] = (
     Stage(
-        name="sae",
+        name="sft",
         upstream=(),
+        not_needed=_sft_not_needed,
+        sections=_sft_sections,
+        outputs=lambda recipe: [_sft_dir(recipe) / "model"],
+        runner="fpo_recipes.stages.sft:run_stage",
+        help="supervised fine-tuning of model on sft.data (Axolotl): the policy's start and the reference",
+        marker_dir=_sft_dir,
+    ),
+    Stage(
+        name="sae",
+        upstream=("sft",),
         not_needed=_sae_not_needed,
         sections=_sae_sections,
         outputs=_sae_outputs,
@@ -163,16 +225,18 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="precompute",
-        upstream=("sae",),
+        upstream=("sft", "sae"),
         not_needed=_precompute_not_needed,
         sections=_precompute_sections,
         outputs=lambda recipe: [Path(recipe.cache_dir)],
         runner="fpo_recipes.stages.precompute:run_stage",
         help="one no-grad pass of the reference model: the offline reference cache",
+        self_checking=True,
+        intact=_cache_intact,
     ),
     Stage(
         name="train",
-        upstream=("sae", "precompute"),
+        upstream=("sft", "sae", "precompute"),
         not_needed=_always_needed,
         sections=_train_sections,
         outputs=lambda recipe: [Path(recipe.output_dir)],
@@ -181,7 +245,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="evaluate",
-        upstream=("sae", "train"),
+        upstream=("sft", "sae", "train"),
         not_needed=_always_needed,
         sections=_evaluate_sections,
         outputs=lambda recipe: [Path(recipe.output_dir) / "eval"],

@@ -13,6 +13,7 @@ succeeds).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,17 +80,34 @@ def _stale_reason(recipe: Recipe, stage: str, markers: dict[str, dict | None]) -
         return "not done yet"
     sections = stage_sections(recipe, stage)
     if marker.get("fingerprint") != fingerprint(sections):
-        old = marker.get("sections") or {}
-        changed = sorted(k for k in set(old) | set(sections) if old.get(k) != sections.get(k))
+        changed = _changed_keys(marker.get("sections") or {}, json.loads(json.dumps(sections, default=str)))
         return "recipe changed" + (f" ({', '.join(changed)})" if changed else "")
     missing = [p for p in marker.get("outputs", []) if not Path(p).exists()]
     if missing:
         return f"outputs missing ({', '.join(missing)})"
+    intact = _REGISTERED[stage].intact
+    problem = intact(recipe) if intact is not None else None
+    if problem:
+        return problem
     for up, run_id in (marker.get("upstream") or {}).items():
         up_marker = markers.get(up)
         if up_marker is not None and up_marker.get("run_id") != run_id:
             return f"{up} was redone since"
     return None
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "", depth: int = 3) -> list[str]:
+    """Dotted names of the entries that differ (into nested sections, ``depth`` levels)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if depth > 1 and isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{k}.", depth - 1) or [f"{prefix}{k}"]
+        else:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def _check_stage_name(name: str | None, flag: str) -> None:
@@ -114,10 +132,10 @@ def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | Non
     start = STAGES.index(from_stage) if from_stage else 0
     for i, stage in enumerate(STAGES):
         needed, why_not = stage_needed(recipe, stage)
-        outputs = (markers[stage] or {}).get("outputs") or expected_outputs(recipe, stage)
-        if not needed:
+        if not needed:  # (before outputs: a stage the recipe does not need may have none, e.g. sae)
             plans.append(StagePlan(stage, "skip", why_not))
             continue
+        outputs = (markers[stage] or {}).get("outputs") or expected_outputs(recipe, stage)
         if only is not None and stage != only:
             plans.append(StagePlan(stage, "skip", "not selected (--only)", outputs))
             continue
@@ -137,7 +155,8 @@ def plan_pipeline(recipe: Recipe, from_stage: str | None = None, only: str | Non
         if reason is None:
             plans.append(StagePlan(stage, "reuse", f"done {markers[stage].get('finished_at', '')}, recipe unchanged", outputs))
         else:
-            force = markers[stage] is not None  # a stale previous run: redo it rather than resume it
+            # a stale previous run: redo it rather than resume it (unless the stage checks that itself)
+            force = markers[stage] is not None and not _REGISTERED[stage].self_checking
             plans.append(StagePlan(stage, "run", reason, expected_outputs(recipe, stage), force=force))
             will_run.add(stage)
     return plans
@@ -177,11 +196,26 @@ def run_pipeline(
     only: str | None = None,
     runners: dict[str, Runner] | None = None,
     echo: Callable[[str], Any] = print,
+    force: bool = False,
 ) -> dict[str, list[Path]]:
     """Run the stages the plan says to run; return stage -> output paths (run or reused).
 
-    Raises :class:`PipelineInterrupted` on Ctrl-C (finished stages stay reusable) and lets
-    a stage's own error through after reporting which stages finished."""
+    The run folder (and the cache folder) are locked for the whole run and the run folder
+    is claimed for this recipe (:mod:`fpo_recipes.ownership`; ``force`` takes over a folder
+    another recipe owns). Raises :class:`PipelineInterrupted` on Ctrl-C (finished stages stay
+    reusable) and lets a stage's own error through after reporting which stages finished."""
+    from fpo_recipes.ownership import check_owner, run_folder
+    from fpo_recipes.preflight import preflight
+
+    check_owner(recipe, force)  # before the lock creates the folder
+    running = {p.stage for p in plan_pipeline(recipe, from_stage=from_stage, only=only) if p.action == "run"}
+    for note in preflight(recipe, running):  # PreflightError: a problem knowable before compute
+        echo(f"preflight: {note}")
+    with run_folder(recipe, force, cache=stage_needed(recipe, "precompute")[0]):
+        return _run_locked(recipe, from_stage, only, runners, echo)
+
+
+def _run_locked(recipe, from_stage, only, runners, echo) -> dict[str, list[Path]]:
     runners = {**DEFAULT_RUNNERS, **(runners or {})}
     plans = plan_pipeline(recipe, from_stage=from_stage, only=only)
     to_run = [p for p in plans if p.action == "run"]

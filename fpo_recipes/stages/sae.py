@@ -73,7 +73,7 @@ def training_fingerprint(recipe, layer: int) -> dict[str, Any]:
         corpus.pop("streaming", None)
     return {
         "version": FINGERPRINT_VERSION,
-        "model": model_identity(recipe, recipe.model.name_or_path, recipe.model.revision),  # the policy's start
+        "model": model_identity(recipe, recipe.start_model.name_or_path, recipe.start_model.revision),  # the policy's start
         "layer": int(layer),
         "hook": recipe.sae.hook,
         "train": train,
@@ -272,7 +272,7 @@ def _train_layer(recipe, layer: int, out: Path, fingerprint: dict, stream, corpu
         (work / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2))
 
     d_in = int(recipe_hidden_size(stream.model))
-    metadata = {"model_name": recipe.model.name_or_path, "hook_name": f"blocks.{layer}.hook_{recipe.sae.hook}",
+    metadata = {"model_name": recipe.start_model.name_or_path, "hook_name": f"blocks.{layer}.hook_{recipe.sae.hook}",
                 "context_size": spec.context_size or recipe.data.max_length, "prepend_bos": True, "dataset_path": corpus}
     sae = _make_sae(spec, d_in, device, metadata)
     provider = mixing_buffer(buffer_size=16 * spec.batch_size, batch_size=spec.batch_size, activations_loader=iter(stream))

@@ -127,8 +127,10 @@ def check_cache(recipe) -> None:
     if not cache_columns(recipe.objective.method):
         return  # simpo / online-reference methods read nothing from the cache
     from fpo_recipes.cache import open_cache
+    from fpo_recipes.ownership import register_cache_user
 
     open_cache(recipe, split="train")  # raises CacheMismatchError naming the differing input
+    register_cache_user(recipe)  # `fpo run` will not rebuild a cache another run folder trains on
 
 
 def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str] | None = None) -> Path:
@@ -138,6 +140,11 @@ def run_train(recipe, launcher: Launcher = "inprocess", launcher_args: list[str]
     from fpo_recipes.models import load_model_config
 
     load_model_config(recipe, "model")  # a missing or unloadable model: ModelLoadError, before Axolotl starts
+    if recipe.train.precision == "auto":
+        from fpo_recipes.preflight import resolve_precision
+
+        precision, why = resolve_precision("auto")
+        print(f"[train] precision {precision} ({why})")
     check_cache(recipe)
     yaml_path = export_axolotl_config(recipe, keep_edits=True)
     output_dir = Path(recipe.output_dir)

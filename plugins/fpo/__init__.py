@@ -66,6 +66,9 @@ class FPOPlugin(BasePlugin):
         # a new config: forget the last run's recipe and trainer (Axolotl >= 0.21 reuses the
         # plugin instance across configs in one process; see fpo_recipes.compat)
         self._recipe, self._trainer = None, None
+        from .args import check_plugin_keys
+
+        check_plugin_keys(cfg)  # before Axolotl's validation drops unknown keys
         if cfg.get("rl"):
             raise ValueError(
                 f"rl: {cfg.get('rl')}: the FPO plugin trains every method (fpo_method) through its own trainer; "

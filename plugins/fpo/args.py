@@ -113,3 +113,29 @@ class FPOArgs(BaseModel):
             "chosen automatically in those cases."
         },
     )
+
+
+def check_plugin_keys(cfg) -> None:
+    """Refuse unknown ``fpo_*`` keys (with a did-you-mean) and wrongly typed ones (naming the
+    key and the expected type), on the raw config: Axolotl's validation would silently drop
+    the first and bury the second in a traceback."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    from fpo_recipes.axolotl.from_axolotl import AxolotlConfigError
+
+    known = list(FPOArgs.model_fields)
+    problems = []
+    for key in list(cfg.keys()):
+        if str(key).startswith("fpo_") and key not in FPOArgs.model_fields:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(f"{key}: unknown FPO plugin key ({f'did you mean {close[0]}?' if close else 'see plugins/fpo/args.py'})")
+    try:
+        FPOArgs.model_validate({k: cfg[k] for k in known if cfg.get(k) is not None})
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            problems.append(f"{where}: {e['input']!r}: {e['msg']}")
+    if problems:
+        raise AxolotlConfigError("FPO plugin config: " + "; ".join(problems))

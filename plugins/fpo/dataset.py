@@ -96,7 +96,8 @@ def build_dataset(recipe, split: str = "train", tokenizer=None):
     if columns:
         from fpo_recipes.cache import open_cache
 
-        cache = open_cache(recipe, split=split)  # raises on a fingerprint mismatch
+        # in memory: no map-cache file (outside the manifest's checksums) is ever read from the cache folder
+        cache = open_cache(recipe, split=split, in_memory=True)  # raises on a fingerprint mismatch
         ds = join_reference_cache(ds, cache, columns, cache_dir=str(recipe.cache_dir))
     return ds
 

@@ -1,0 +1,166 @@
+"""Row checks of preference data: what every stage refuses (one error naming the row) and
+what `fpo validate` reports from a bounded scan of the local data files.
+
+Refused, naming the row: a missing or null prompt/chosen/rejected, a number (or anything
+not text / a message list) where text belongs, an empty prompt or response. Skipped, with a
+warning naming the count and rows: a pair whose chosen equals its rejected response (it
+carries no preference signal; every stage skips the same rows, so the cache and training
+agree). Reported by `fpo validate` only: duplicate pairs (each copy trains).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SCAN_LIMIT = 50_000  # rows `fpo validate` reads per split (the stages check every row)
+
+
+def _text(value: Any) -> str | None:
+    """The text of a column value: a string, or the last message's content of a message list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and isinstance(value[-1].get("content"), str):
+        return value[-1]["content"]
+    return None
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "a list"}.get(
+        type(value), type(value).__name__)
+
+
+def row_problem(row: dict[str, Any], source) -> str | None:
+    """Why this raw row cannot be trained on, or None."""
+    columns = [("chosen", source.chosen_column), ("rejected", source.rejected_column)]
+    if source.format != "conversation":
+        columns.insert(0, ("prompt", source.prompt_column))
+    texts = {}
+    for role, column in columns:
+        value = row.get(column)
+        if value is None:
+            return f"{column} is {'missing' if column not in row else 'null'}"
+        if role == "prompt" and isinstance(value, list):
+            text = " ".join(m.get("content", "") for m in value if isinstance(m, dict))
+        else:
+            text = _text(value)
+        if text is None:
+            return f"{column} is {_kind(value)}, expected text" + (" or a list of {role, content} messages" if role != "prompt" else "")
+        if not text.strip():
+            return f"{column} is empty"
+        texts[role] = text
+    return None
+
+
+def is_tie(row: dict[str, Any], source) -> bool:
+    """chosen and rejected are the same response (checked rows only)."""
+    return _text(row.get(source.chosen_column)) == _text(row.get(source.rejected_column))
+
+
+def _rows_text(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+
+
+def _rows(ds, field: str, location):
+    """Iterate ``ds``; text that is not UTF-8 (pyarrow loads it, reading it fails) names the line."""
+    try:
+        yield from ds
+    except UnicodeDecodeError:
+        where = unreadable_line(Path(location)) or "it is not UTF-8 text"
+        raise ValueError(f"{field}.path: {location}: {where} (hint: fix the file)") from None
+
+
+def check_rows(ds, source, field: str, location):
+    """``ds`` without its tied pairs (logged); ValueError naming the first bad row."""
+    import logging
+
+    ties = []
+    for i, row in enumerate(_rows(ds, field, location)):
+        problem = row_problem(row, source)
+        if problem:
+            raise ValueError(f"{field}: row {i + 1} of {location}: {problem} (hint: fix or remove that row)")
+        if is_tie(row, source):
+            ties.append(i)
+    if ties:
+        logging.getLogger("fpo_recipes.data").warning(
+            "%s: skipping %d pair(s) whose chosen equals rejected (no preference signal): row(s) %s",
+            field, len(ties), _rows_text([t + 1 for t in ties]))
+        drop = set(ties)
+        ds = ds.select([i for i in range(len(ds)) if i not in drop])
+    return ds
+
+
+def unreadable_line(path: Path) -> str | None:
+    """For a JSON Lines file the loader refused: the first line that is not UTF-8 or not JSON."""
+    if path.suffix.lower() != ".jsonl":
+        return None
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"line {n} is not UTF-8 text (byte {exc.start})"
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                return f"line {n} is not valid JSON ({exc.msg} at column {exc.colno})"
+            if not isinstance(value, dict):
+                return f"line {n} is {_kind(value)}, not a JSON object"
+    return None
+
+
+def scan_source(recipe, source, field: str, limit: int = SCAN_LIMIT) -> tuple[list[str], list[str]]:
+    """(errors, notes) for a local data source: each error names the row (1-based)."""
+    from fpo_recipes.data import load_source
+
+    location = Path(recipe.resolve_input(source.path))
+    if not location.exists():
+        return [], [f"{field}: {source.path} is not a local file; its rows are checked when a stage loads it"]
+    ds = load_source(recipe, source, field, check=False)  # ValueError naming the file / line
+    n = min(len(ds), limit)
+    errors, seen, duplicates, ties = [], {}, [], []
+    for i, row in enumerate(_rows(ds.select(range(n)), field, location)):
+        problem = row_problem(row, source)
+        if problem:
+            errors.append(f"{field}: row {i + 1} of {location}: {problem}")
+            if len(errors) >= 10:
+                errors.append(f"{field}: (stopped after 10 bad rows)")
+                break
+            continue
+        if is_tie(row, source):
+            ties.append(i + 1)
+            continue
+        key = json.dumps([row.get(source.prompt_column), row.get(source.chosen_column), row.get(source.rejected_column)],
+                         default=str)
+        if key in seen:
+            duplicates.append((i + 1, seen[key]))
+        else:
+            seen[key] = i + 1
+    notes = []
+    if ties:
+        notes.append(f"{field}: {len(ties)} pair(s) whose chosen equals rejected will be skipped: row(s) {_rows_text(ties)}")
+    if duplicates:
+        shown = ", ".join(f"row {a} = row {b}" for a, b in duplicates[:5])
+        notes.append(f"{field}: {len(duplicates)} duplicate pair(s) ({shown}{', ...' if len(duplicates) > 5 else ''}); "
+                     "each copy trains")
+    scanned = f"all {n} rows" if n == len(ds) else f"the first {n} of {len(ds)} rows (every row is checked when a stage loads it)"
+    notes.append(f"{field}: checked {scanned}")
+    return errors, notes
+
+
+def scan_data(recipe, limit: int = SCAN_LIMIT) -> tuple[list[str], list[str]]:
+    errors, notes = [], []
+    for split in ("train", "eval"):
+        source = getattr(recipe.data, split)
+        if source is None:
+            continue
+        try:
+            e, n = scan_source(recipe, source, f"data.{split}", limit)
+        except ValueError as exc:
+            e, n = [str(exc)], []
+        errors += e
+        notes += n
+    return errors, notes
