@@ -59,7 +59,7 @@ def test_set_overrides_values_show_and_fingerprints(tmp_path):
     # part of the train stage's fingerprint; not of the cache's (beta changes no cached value)
     beta = load_recipe(path, ["objective.beta=0.2"])
     assert pipeline.stage_fingerprint(beta, "train") != pipeline.stage_fingerprint(plain, "train")
-    assert pipeline.stage_sections(beta, "precompute")["cache_fingerprint"] == pipeline.stage_sections(plain, "precompute")["cache_fingerprint"]
+    assert pipeline.stage_sections(beta, "precompute")["cache"] == pipeline.stage_sections(plain, "precompute")["cache"]
     shown = runner.invoke(app, ["show", str(path), "--set", "objective.beta=0.2", "--set", "objective.k=8"])
     assert shown.exit_code == 0, shown.output
     assert shown.stdout.startswith("# --set objective.beta=0.2\n# --set objective.k=8\n")
