@@ -12,6 +12,7 @@ import yaml
 from fpo_recipes.cli import evaluate, export, features, precompute, quickstart, recipes, run, sae, sweep, train
 from fpo_recipes.cli.common import DEBUG, load_recipe_or_exit, one_line_errors, set_option
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
+from fpo_recipes.recipe.schema import SCHEMA_VERSION
 from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
 
 app = typer.Typer(
@@ -92,6 +93,9 @@ def validate(
             continue
         for warning in recipe.warnings:
             typer.echo(f"{path}: warning: {warning}", err=True)
+        for migration in recipe.migrations:
+            typer.echo(f"{migration.file}: warning: {migration.describe()} (these keep the file's meaning; "
+                       f"hint: state them and set schema_version: {SCHEMA_VERSION})", err=True)
         if scan_rows:
             from fpo_recipes.data_checks import scan_data
 
@@ -114,6 +118,8 @@ def show(
 ) -> None:
     """Print the fully resolved recipe (extends, --set overrides and defaults applied) as YAML."""
     recipe = load_recipe_or_exit(file, overrides)
+    for migration in recipe.migrations:
+        typer.echo(f"# {migration.file}: {migration.describe()}")
     for override in recipe.overrides:
         typer.echo(f"# --set {override}")
     typer.echo(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False), nl=False)

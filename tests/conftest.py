@@ -48,7 +48,7 @@ def pairs_file(tmp_path_factory) -> Path:
 def tiny_recipe_dict(model_dir: Path, sae_dir: Path, pairs: Path, workdir: Path, **sections) -> dict:
     """A valid recipe for the tiny fixtures; ``sections`` deep-override top-level sections."""
     recipe = {
-        "schema_version": 1,
+        "schema_version": 2,
         "name": "tiny-fpo",
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
         "sae": {"path": str(sae_dir), "layer": 1, "hook": "resid_post"},

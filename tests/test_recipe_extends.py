@@ -18,7 +18,7 @@ from fpo_recipes.recipe import RecipeError, load_recipe
 runner = CliRunner()
 
 PARENT = """\
-schema_version: 1
+schema_version: 2
 name: served-parent
 model:
   name_or_path: google/gemma-2-2b

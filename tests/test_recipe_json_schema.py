@@ -33,7 +33,7 @@ def test_cli_prints_both_with_dialect_and_id():
     for argv, kind in ((["schema"], "resolved"), (["schema", "--fragment"], "fragment")):
         schema = json.loads(runner.invoke(app, argv).stdout)
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-        assert schema["$id"] == f"urn:fpo-recipes:recipe:{kind}:v1"
+        assert schema["$id"] == f"urn:fpo-recipes:recipe:{kind}:v2"
         assert schema["additionalProperties"] is False and "sweep" in schema["properties"]
     assert "required" in recipe_json_schema("resolved") and "required" not in recipe_json_schema("fragment")
 

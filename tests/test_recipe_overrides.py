@@ -19,7 +19,7 @@ from fpo_recipes.stages.registry import cache_dependencies
 runner = CliRunner()
 
 BASE = """\
-schema_version: 1
+schema_version: 2
 name: parent
 model:
   name_or_path: google/gemma-2-2b

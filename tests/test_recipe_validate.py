@@ -18,7 +18,7 @@ SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 runner = CliRunner()
 
 BASE = """\
-schema_version: 1
+schema_version: 2
 name: t
 model:
   name_or_path: google/gemma-2-2b
@@ -90,7 +90,7 @@ def test_valid_recipe_summary_line(tmp_path):
         (("  method: fpo", "  method: ppo"), ":10: objective.method: Input should be 'dpo', 'simpo', 'tdpo1', 'tdpo2', 'simpo_kl' or 'fpo', got 'ppo'"),
         (("  layer: 25", "  layer: 25\n  path: /x/params.npz"), ":9: sae.path: give either release + id or path, not both (hint: drop path, or drop release and id)"),
         (("  name_or_path: google/gemma-2-2b", "  name_or_path: google/gemma-2-2b\n  load_in_4bit: true"), ":3: model.adapter: quantised loading trains only an adapter (hint: add `adapter: lora`)"),
-        (("schema_version: 1", "schema_version: 2"), ":1: schema_version: this fpo-recipes reads schema_version 1, got 2 (hint: use the fpo-recipes release that reads version 2, or port the recipe to version 1)"),
+        (("schema_version: 2", "schema_version: 3"), ":1: schema_version: this fpo-recipes reads schema_version 1 to 2, got 3 (hint: use the fpo-recipes release that reads version 3, or port the recipe to version 2)"),
         (("data:", "constraints:\n  - {name: x, features: [1], features_file: f.txt, weight: 1}\ndata:"), ":15: constraints[0].features: give exactly one of features or features_file (hint: list ids in features, or name a file in features_file)"),
         (("name: t", "name: t\ntrain:\n  batch_size: 32\n  micro_batch_size: 3"), ":5: train.micro_batch_size: batch_size 32 is not a multiple of micro_batch_size 3 (hint: batch_size is the global batch, micro_batch_size x gradient accumulation x processes)"),
     ],

@@ -343,7 +343,7 @@ def recipe_from_axolotl_cfg(cfg, check: bool = False):
         "output_dir": output_dir,
     })
     data: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": 2,
         "name": _run_name(output_dir),
         "description": f"synthesized from the Axolotl config {file}",
         "model": model,

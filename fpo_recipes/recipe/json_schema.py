@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 from fpo_recipes.objectives.registry import METHODS
+from fpo_recipes.recipe.migrations import CURRENT, OLDEST
 from fpo_recipes.recipe.schema import SCHEMA_VERSION, Recipe
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -68,6 +69,10 @@ def recipe_json_schema(kind: str = "resolved") -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
     schema = copy.deepcopy(Recipe.model_json_schema())
+    # a file may state any version the loader migrates (migrations.py), not only the current one
+    schema["properties"]["schema_version"].update(
+        enum=list(range(OLDEST, CURRENT + 1)),
+        description=f"the schema this file was written against (absent: {CURRENT}); older versions keep their defaults")
     if kind == "fragment":
         schema = _relax(schema)
         schema["title"] = "Recipe fragment"

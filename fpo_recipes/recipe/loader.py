@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from fpo_recipes.recipe.bases import BaseNotFound, resolve_base
+from fpo_recipes.recipe.migrations import Migration, migrate
 from fpo_recipes.recipe.overrides import OverrideError, apply_overrides, label
 from fpo_recipes.recipe.sae_sources import uses_sae
 from fpo_recipes.recipe.schema import Recipe, methods_where
@@ -48,6 +49,7 @@ class RecipeError(ValueError):
 class _Document:
     data: dict[str, Any]
     origins: dict[Loc, tuple[str, int]]  # key path → (file, 1-based line)
+    migrations: list[Migration] = field(default_factory=list)  # one per older-version file in the chain
 
 
 def _node_lines(node: yaml.Node, file: str, prefix: Loc, out: dict[Loc, tuple[str, int]]) -> None:
@@ -116,7 +118,7 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> _Document:
     doc = _read_document(path)
     base_ref = doc.data.get("extends")
     if base_ref is None:
-        return doc
+        return _migrated(doc, path)
     file, line = doc.origins.get(("extends",), (str(path), None))
     if not isinstance(base_ref, (str, dict)):
         raise RecipeError([RecipeIssue(file, line, "extends",
@@ -129,7 +131,16 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> _Document:
         raise RecipeError([RecipeIssue(file, line, "extends", str(exc))]) from None
     base = _resolve(base_path, (*chain, path))
     data = _deep_merge(_without_outputs(base.data, doc.data), {k: v for k, v in doc.data.items() if k != "extends"})
-    return _Document(data, {**base.origins, **doc.origins})
+    # the file's own schema_version, else its base's, already migrated to current above
+    return _migrated(_Document(data, {**base.origins, **doc.origins}, list(base.migrations)), path)
+
+
+def _migrated(doc: _Document, path: Path) -> _Document:
+    """Pin the defaults an older-version file relied on (fpo_recipes/recipe/migrations.py)."""
+    migration = migrate(doc.data, str(path))
+    if migration is not None:
+        doc.migrations.append(migration)
+    return doc
 
 
 def _is_fetched(path: Path) -> bool:
@@ -280,6 +291,7 @@ def parse_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     recipe._source_path = path.resolve()
     recipe._origins = doc.origins
     recipe._overrides = tuple(overrides)
+    recipe._migrations = tuple(doc.migrations)
     issues += [RecipeIssue(*origin_of(recipe, loc), field_path(loc), msg) for loc, msg in recipe.cross_section_problems(unparsed)]
     if not issues and recipe.sae is not None and not uses_sae(recipe):
         recipe._warnings.append(

@@ -24,9 +24,10 @@ from fpo_recipes.objectives.config import (
     POOLING_MODES,
 )
 from fpo_recipes.objectives.registry import METHODS
+from fpo_recipes.recipe.migrations import CURRENT, OLDEST, Migration
 from fpo_recipes.recipe.sae_sources import k_past_width
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = CURRENT  # older versions are migrated by the loader (migrations.py)
 # The run folder (train.output_dir): the final model and the trainer's checkpoints apart.
 MODEL_DIRNAME = "model"
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -580,13 +581,14 @@ class Recipe(Section):
     _warnings: list[str] = PrivateAttr(default_factory=list)
     _origins: dict = PrivateAttr(default_factory=dict)  # key path → (file, line), set by the loader
     _overrides: tuple[str, ...] = PrivateAttr(())  # the --set overrides the loader applied
+    _migrations: tuple[Migration, ...] = PrivateAttr(())  # older-version files the loader migrated
 
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
-        if v != SCHEMA_VERSION:
+        if v != SCHEMA_VERSION:  # older supported versions arrive here migrated
             raise ValueError(
-                f"this fpo-recipes reads schema_version {SCHEMA_VERSION}, got {v} "
+                f"this fpo-recipes reads schema_version {OLDEST} to {SCHEMA_VERSION}, got {v} "
                 f"(hint: use the fpo-recipes release that reads version {v}, or port the recipe to version {SCHEMA_VERSION})"
             )
         return v
@@ -652,6 +654,11 @@ class Recipe(Section):
     def overrides(self) -> tuple[str, ...]:
         """The ``--set`` overrides applied on top of the file (already in the values)."""
         return self._overrides
+
+    @property
+    def migrations(self) -> tuple[Migration, ...]:
+        """Older-schema_version files in the chain and the old defaults pinned for them (already in the values)."""
+        return self._migrations
 
     def resolve_input(self, value: str) -> str:
         """A relative local input path, resolved against the recipe's folder; hub names untouched."""
