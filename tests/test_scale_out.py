@@ -214,7 +214,7 @@ def _losses(state: dict) -> dict[int, tuple[float, float]]:
 def _weights(recipe) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(recipe.checkpoint_dir) / "model.safetensors"))
+    return load_file(str(Path(recipe.model_dir) / "model.safetensors"))  # published after a finished training
 
 
 def _assert_trained_alike(recipe, reference) -> None:
@@ -250,7 +250,11 @@ def reference_run(scale_root):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The cache's content: not the folder's lock and user list (who wrote and reads it)."""
+    from fpo_recipes.ownership import LOCK_FILE, USERS_FILE
+
+    skip = {LOCK_FILE, USERS_FILE}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
 
 
 def _workers(pid: int) -> list:
