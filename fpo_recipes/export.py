@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fpo_recipes.atomic_io import replace_folder
 from fpo_recipes.model_folder import (
     MODEL_CARD,
     RECIPE_SNAPSHOT,
@@ -104,22 +105,11 @@ def export_model(recipe, model_dir: str | Path, out: str | Path, merge: bool | N
             write_model_card(tmp, recipe, record, merged=merge)
         elif (model_dir / MODEL_CARD).is_file():
             shutil.copy2(model_dir / MODEL_CARD, tmp / MODEL_CARD)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def hub_api(recipe, api=None):

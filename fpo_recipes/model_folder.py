@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from fpo_recipes.atomic_io import atomic_write_json, atomic_write_text
+from fpo_recipes.atomic_io import atomic_write_json, atomic_write_text, replace_folder
 
 RUN_RECORD = "fpo_run.json"
 RECIPE_SNAPSHOT = "recipe.yaml"
@@ -138,22 +138,11 @@ def publish_model(recipe, fingerprint: str, sections: dict[str, Any]) -> Path:
         atomic_write_json(tmp / RUN_RECORD, record)
         atomic_write_text(tmp / RECIPE_SNAPSHOT, recipe_snapshot_text(recipe))
         write_model_card(tmp, recipe, record)
-        _swap_in(tmp, target)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def recipe_snapshot_text(recipe) -> str:

@@ -12,7 +12,6 @@ Writes ``<output_dir>/eval/`` (atomically: built in a temporary folder, then swa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fpo_recipes.atomic_io import replace_folder
 from fpo_recipes.recipe.schema import Recipe
 
 EVAL_DIRNAME = "eval"
@@ -368,13 +368,7 @@ def write_evaluation(out_dir: Path, result: dict, gen_rows: list[dict], history:
         with (tmp / "generations.jsonl").open("w") as f:
             for row in gen_rows:
                 f.write(json.dumps(_clean(row), default=_json_default) + "\n")
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
