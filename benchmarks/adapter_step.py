@@ -279,10 +279,7 @@ def parse_args(argv: list[str] | None = None):
     opts = p.parse_args(argv)
     shape = common.SHAPES[opts.shape]
     opts.pairs = opts.pairs or shape.pairs
-    opts.seq_len = opts.seq_len or shape.seq_len
-    opts.device = common.resolve_device(opts.device)
-    if opts.precision == "auto":
-        opts.precision = "bf16" if opts.device.startswith("cuda") else "fp32"
+    common.resolve_run_opts(opts, shape)
     opts.variant_list = [v.strip() for v in opts.variants.split(",") if v.strip()]
     unknown = [v for v in opts.variant_list if v not in VARIANTS]
     if unknown:

@@ -260,10 +260,7 @@ def parse_args(argv: list[str] | None = None):
     opts = p.parse_args(argv)
     shape = common.SHAPES[opts.shape]
     opts.batch = opts.batch or 2 * shape.pairs
-    opts.seq_len = opts.seq_len or shape.seq_len
-    opts.device = common.resolve_device(opts.device)
-    if opts.precision == "auto":
-        opts.precision = "bf16" if opts.device.startswith("cuda") else "fp32"
+    common.resolve_run_opts(opts, shape)
     opts.impl_list = [i.strip() for i in opts.impls.split(",") if i.strip()]
     unknown = [i for i in opts.impl_list if i not in IMPLS]
     if unknown:

@@ -425,6 +425,15 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def resolve_run_opts(opts, shape) -> None:
+    """The options every benchmark shares, filled in: ``seq_len`` from the shape unless
+    given, the device resolved, precision ``auto`` = bf16 on CUDA, else fp32."""
+    opts.seq_len = opts.seq_len or shape.seq_len
+    opts.device = resolve_device(opts.device)
+    if opts.precision == "auto":
+        opts.precision = "bf16" if opts.device.startswith("cuda") else "fp32"
+
+
 # ------------------------------------------------------------------- subprocesses
 
 

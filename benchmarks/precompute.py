@@ -246,10 +246,7 @@ def parse_args(argv: list[str] | None = None):
     pairs, batch = DEFAULTS.get(opts.shape, (16, 4))
     opts.pairs = opts.pairs or pairs
     opts.batch_size = opts.batch_size or batch
-    opts.seq_len = opts.seq_len or shape.seq_len
-    opts.device = common.resolve_device(opts.device)
-    if opts.precision == "auto":
-        opts.precision = "bf16" if opts.device.startswith("cuda") else "fp32"
+    common.resolve_run_opts(opts, shape)
     if opts.repeats < 1 or opts.pairs < 1 or opts.batch_size < 1:
         p.error("need --repeats, --pairs, --batch-size >= 1")
     return opts

@@ -458,10 +458,7 @@ def parse_args(argv: list[str] | None = None):
     opts = p.parse_args(argv)
     shape = common.SHAPES[opts.shape]
     opts.pairs = opts.pairs or shape.pairs
-    opts.seq_len = opts.seq_len or shape.seq_len
-    opts.device = common.resolve_device(opts.device)
-    if opts.precision == "auto":
-        opts.precision = "bf16" if opts.device.startswith("cuda") else "fp32"
+    common.resolve_run_opts(opts, shape)
     names = list(METHODS) if opts.methods == "all" else [m.strip() for m in opts.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:

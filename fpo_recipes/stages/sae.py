@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fpo_recipes.atomic_io import replace_folder
+
 TRAINING_RECORD = "fpo_sae_training.json"
 STREAM_STATE = "fpo_stream.json"
 FINGERPRINT_VERSION = 3  # 3: the sae stage (streaming source, sae.train section)
@@ -324,11 +326,7 @@ def recipe_hidden_size(model) -> int:
 
 def _swap_into_place(new: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        stale = out.parent / f".{out.name}.stale-{time.time_ns()}"
-        out.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    new.rename(out)
+    replace_folder(new, out)
 
 
 def score_sae(sae_dir: Path, provider, batches: int, device="cpu") -> dict[str, float]:
