@@ -20,21 +20,31 @@ def evaluate(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
     overrides: list[str] = set_option(),
 ) -> None:
-    """Paper metrics of the trained model against its reference: metrics.json, report.md and plots."""
+    """Paper metrics of the trained model against its reference: metrics.json, report.md and plots.
+
+    Holds the run folder's lock (train.output_dir/.fpo.lock) while it writes eval/: a second
+    evaluation, or a training, of the same folder is refused naming the holder."""
 
     recipe = load_recipe_or_exit(recipe_file, overrides)
     from fpo_recipes.models import ModelLoadError
-    from fpo_recipes.stages.evaluate import EvaluateError, check_model_dir, run_evaluate
+    from fpo_recipes.ownership import FolderInUseError, folder_lock
+    from fpo_recipes.stages import evaluate as stage
 
     try:
         if model_dir is not None:  # before anything loads
-            check_model_dir(model_dir)
-    except EvaluateError as exc:
+            stage.check_model_dir(model_dir)
+    except stage.EvaluateError as exc:
         typer.echo(f"error: --model-dir: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
-        path = run_evaluate(recipe, model_dir=model_dir, device=device)
-    except (EvaluateError, ModelLoadError, FileNotFoundError, ValueError) as exc:
+        if model_dir is None:
+            stage.find_trained_model(recipe)  # nothing to evaluate: said before the lock creates the folder
+        with folder_lock(recipe.output_dir, "train.output_dir"):
+            path = stage.run_evaluate(recipe, model_dir=model_dir, device=device)
+    except FolderInUseError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (stage.EvaluateError, ModelLoadError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     print_run(path)

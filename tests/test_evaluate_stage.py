@@ -343,3 +343,38 @@ def test_training_curves_draw_the_objectives_quantities(tmp_path):
     assert keys[-2:] == ["rewards/rejected", "kl/extra"]
     png = plots.plot_training_curves(history, tmp_path / "curves.png", title="t")
     assert png.stat().st_size > 10_000
+
+
+def test_a_second_evaluation_of_one_run_folder_is_refused_naming_the_first(write_recipe, tiny_model_dir, monkeypatch):
+    """While one `fpo evaluate` writes eval/, a second one on the same run folder (a real
+    process) is refused with one line naming the first's PID; the first finishes normally."""
+    import os
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+    from fpo_recipes.ownership import LOCK_FILE
+
+    path = write_recipe(data=DATA, evaluate=EVAL)
+    recipe = load_recipe(path)
+    _trained(recipe, tiny_model_dir)
+    real, second = E.run_evaluate, {}
+
+    def first(*args, **kwargs):  # the first evaluation holds the lock here
+        second["proc"] = subprocess.run([sys.executable, "-m", "fpo_recipes.cli.main", "evaluate", str(path), "--device",
+                                         "cpu"], capture_output=True, text=True, timeout=120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "run_evaluate", first)
+    result = CliRunner().invoke(app, ["evaluate", str(path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    proc = second["proc"]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert errors[0].startswith(f"error: train.output_dir {recipe.output_dir} is in use by another fpo process "
+                                f"(PID {os.getpid()}, started "), errors[0]
+    assert json.loads((recipe.output_dir / "eval" / "metrics.json").read_text())["run"] == recipe.name
+    assert (recipe.output_dir / LOCK_FILE).read_text() == ""  # released when the first finished
