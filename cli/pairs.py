@@ -6,19 +6,19 @@ from pathlib import Path
 
 import typer
 
-HELP = """Make preference pairs from prompts and answers (SPIN-style): chosen = the given answer,
-rejected = the model's own answer to the same prompt, generated under its chat template as
-training renders it, cached by fingerprint under $FPO_CACHE_HOME/pairs (a rerun generates
-nothing; an interrupted run resumes its finished chunks).
-
-Filters, in order, each counted in OUT/{prefix}pairs.json: empty prompt or answer; --language en
-(prompt and answer each have letters and at least 90% of their letters are ASCII a-z/A-Z; any: off);
-duplicate prompt (first kept); --max-prompt-tokens (the rendered prompt, BOS included);
---min/--max-answer-tokens (the answer, the model's tokenizer). Then a seeded shuffle: the first
---train-size records go to train, the next --eval-size to eval (disjoint prompts). Pairs whose
-rejected answer is empty or equals chosen are dropped and counted.
-
-Writes OUT/{prefix}train.jsonl and OUT/{prefix}eval.jsonl (prompt, chosen, rejected)."""
+HELP = (
+    'Make preference pairs from prompts and answers (SPIN-style): chosen = the given answer, rejected = the '
+    "model's own answer to the same prompt, generated under its chat template as training renders it, cached "
+    'by fingerprint under $FPO_CACHE_HOME/pairs (a rerun generates nothing; an interrupted run resumes its '
+    'finished chunks).' "\n\n"
+    'Filters, in order, each counted in OUT/{prefix}pairs.json: empty prompt or answer; --language en (prompt '
+    'and answer each have letters and at least 90% of their letters are ASCII a-z/A-Z; any: off); duplicate '
+    'prompt (first kept); --max-prompt-tokens (the rendered prompt, BOS included); --min/--max-answer-tokens '
+    "(the answer, the model's tokenizer). Then a seeded shuffle: the first --train-size records go to train, "
+    'the next --eval-size to eval (disjoint prompts). Pairs whose rejected answer is empty or equals chosen '
+    'are dropped and counted.' "\n\n"
+    'Writes OUT/{prefix}train.jsonl and OUT/{prefix}eval.jsonl (prompt, chosen, rejected).'
+)
 
 
 def make_pairs(

@@ -66,7 +66,12 @@ def test_rejected_is_the_models_own_greedy_answer_to_the_templated_prompt(tiny_m
     by_prompt = {r["prompt"]: r["answer"] for r in _rows(12)}
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    from fpo_recipes.data_checks import is_tie, row_problem
+    from fpo_recipes.recipe.schema import DataSource
+
+    source = DataSource(path="train.jsonl")  # the recipe's default columns: what `fpo validate` scans
     for row in rows:
+        assert row_problem(row, source) is None and not is_tie(row, source)
         assert row["chosen"] == by_prompt[row["prompt"]]
         enc = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)

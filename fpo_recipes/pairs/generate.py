@@ -133,8 +133,9 @@ class Generator:
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         texts, lengths = [], []
+        ends = self.eos | {self.pad}  # generate pads a row that finished (EOS or a stop string)
         for row in out[:, width:].tolist():
-            n = next((j for j, t in enumerate(row) if t in self.eos), len(row))
+            n = next((j for j, t in enumerate(row) if t in ends), len(row))
             texts.append(_cut(self.tokenizer.decode(row[:n], skip_special_tokens=True), p.stop))
             lengths.append(n)
         return texts, lengths
