@@ -18,8 +18,11 @@ def register(app: typer.Typer) -> None:
 @features_app.command("discover")
 def discover(
     recipe_file: Path = typer.Argument(..., help="Recipe YAML (its SAE, and its reference model unless --model-dir)."),
-    targets: str = typer.Option(..., "--targets", help="Target texts: .txt (one per line), .jsonl with a text column, or a data set."),
+    targets: str | None = typer.Option(None, "--targets", help="Target texts: .txt (one per line), .jsonl with a text column, or a data set."),
     contrast: str | None = typer.Option(None, "--contrast", help="Contrast texts (same formats); default: the recipe's training responses."),
+    behaviour: str | None = typer.Option(
+        None, "--behaviour", help="Instead of --targets/--contrast: a named behaviour (bullet_list, code_block); targets are "
+        "the recipe's chosen training responses that show it, contrast those that do not."),
     top: int = typer.Option(50, "--top", min=1, help="Candidates ranked by max single-token activation on the targets."),
     ratio: float = typer.Option(2.0, "--ratio", min=0.0, help="Keep if mean_target > ratio x mean_contrast ..."),
     min_z: float = typer.Option(2.0, "--min-z", help="... and the Welch z of per-text means is at least this."),
@@ -36,13 +39,16 @@ def discover(
     overrides: list[str] = set_option(),
 ) -> None:
     """Rank SAE features on target texts and keep those that stand out against a contrast set."""
-    from fpo_recipes.discovery import DiscoveryParams, check_features_path, discover_features, read_texts, write_features_file
+    from fpo_recipes.discovery import DiscoveryParams, behaviour_texts, check_features_path, discover_features, read_texts, write_features_file
     from fpo_recipes.models import ModelLoadError
     from fpo_recipes.stages.evaluate import EvaluateError, check_model_dir
 
     recipe = load_recipe_or_exit(recipe_file, overrides)
     params = DiscoveryParams(top=top, ratio=ratio, min_z=min_z, max_length=max_length, batch_size=batch_size,
                              text_column=text_column, limit=limit)
+    if (targets is None) == (behaviour is None) or (behaviour is not None and contrast is not None):
+        typer.echo("error: give --targets (optionally with --contrast), or --behaviour alone", err=True)
+        raise typer.Exit(2)
     try:
         check_features_path(out)  # before the model runs
     except ValueError as exc:
@@ -55,8 +61,12 @@ def discover(
         typer.echo(f"error: --model-dir: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
-        target_texts = read_texts(targets, text_column, limit)
-        contrast_texts = read_texts(contrast, text_column, limit) if contrast else None
+        if behaviour is not None:
+            target_texts, contrast_texts = behaviour_texts(recipe, behaviour, limit)
+            typer.echo(f"--behaviour {behaviour}: {len(target_texts)} target and {len(contrast_texts)} contrast responses")
+        else:
+            target_texts = read_texts(targets, text_column, limit)
+            contrast_texts = read_texts(contrast, text_column, limit) if contrast else None
         result = discover_features(recipe, target_texts, contrast_texts, params, layer=layer, device=device, model_dir=model_dir)
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         typer.echo(f"error: {exc}", err=True)

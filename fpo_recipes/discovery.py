@@ -77,21 +77,39 @@ def read_texts(source: str | Path, column: str = "text", limit: int | None = Non
 
 def default_contrast_texts(recipe: Recipe, limit: int = 256) -> list[str]:
     """The recipe's training responses (chosen and rejected, untemplated) as a generic contrast set."""
+    return training_responses(recipe, ("chosen", "rejected"), limit)
+
+
+def training_responses(recipe: Recipe, sides: tuple[str, ...] = ("chosen",), limit: int | None = None) -> list[str]:
+    """The recipe's training responses (untemplated) of the given sides, in row order."""
     from fpo_recipes.data import load_source
 
     ds = load_source(recipe, recipe.data.train, "data.train")
     src = recipe.data.train
+    columns = [getattr(src, f"{side}_column") for side in sides]
     texts: list[str] = []
     for row in ds:
-        for col in (src.chosen_column, src.rejected_column):
+        for col in columns:
             value = row.get(col)
             if isinstance(value, list):  # conversation format: last message is the response
                 value = value[-1].get("content") if value and isinstance(value[-1], dict) else None
             if isinstance(value, str) and value.strip():
                 texts.append(value)
-        if len(texts) >= limit:
+        if limit is not None and len(texts) >= limit:
             break
     return texts[:limit]
+
+
+def behaviour_texts(recipe: Recipe, behaviour: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """Targets and contrast for a named behaviour (:mod:`fpo_recipes.behaviours`): the recipe's
+    chosen training responses that show it, and those that do not."""
+    from fpo_recipes.behaviours import split_by_behaviour
+
+    shows, rest = split_by_behaviour(training_responses(recipe, ("chosen",)), behaviour)
+    if not shows or not rest:
+        raise ValueError(f"--behaviour {behaviour}: {len(shows)} of the {len(shows) + len(rest)} chosen training responses "
+                         "show it; discovery needs some that do and some that do not (hint: more data, or --targets/--contrast)")
+    return shows[:limit], rest[:limit]
 
 
 # --- activations ---------------------------------------------------------------------------
