@@ -17,35 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def complete_records(text: str) -> Iterator[dict]:
-    """The complete records of a JSON array that may be truncated anywhere."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return  # the cut-off record
-        yield record
-
-
-def first_exchange(record: dict) -> tuple[str, str] | None:
-    turns = record.get("conversations") or []
-    if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
-        prompt, answer = turns[0].get("value", "").strip(), turns[1].get("value", "").strip()
-        if prompt and answer:
-            return prompt, answer
-    return None
+from fpo_recipes.pairs.sources import complete_records, first_exchange  # noqa: E402
 
 
 def make_pairs(n: int, min_tokens: int, max_prompt_tokens: int, tokenizer) -> list[dict]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from fpo_recipes.cli import evaluate, export, features, precompute, quickstart, recipes, run, sae, sweep, train
+from fpo_recipes.cli import evaluate, export, features, pairs, precompute, quickstart, recipes, run, sae, sweep, train
 from fpo_recipes.cli.common import DEBUG, load_recipe_or_exit, one_line_errors, set_option
 from fpo_recipes.recipe import Recipe, RecipeError, load_and_check
 from fpo_recipes.recipe.schema import SCHEMA_VERSION
@@ -137,7 +137,7 @@ def schema(
 
 
 # Stage commands live beside the stages they drive; each module adds itself to the app.
-for _module in (sae, precompute, train, evaluate, export, run, sweep, features, quickstart, recipes):
+for _module in (sae, precompute, train, evaluate, export, run, sweep, features, quickstart, pairs, recipes):
     _module.register(app)
 for _command in app.registered_commands + [c for g in app.registered_groups for c in g.typer_instance.registered_commands]:
     _command.callback = one_line_errors(_command.callback)

@@ -39,20 +39,20 @@ def quiet_datasets():
 
 # --- loading ---------------------------------------------------------------------------
 
-def load_source(recipe, source, field: str, check: bool = True):
-    """A DataSource as a ``datasets.Dataset`` (raw columns), ``limit`` applied; with
-    ``check`` its rows are checked (:mod:`fpo_recipes.data_checks`: a bad row is an error
-    naming it, a pair whose chosen equals rejected is skipped)."""
+def read_dataset(location: str, split: str, field: str, split_field: str | None = None):
+    """The rows at ``location`` as a ``datasets.Dataset``: a .json/.jsonl/.csv/.parquet file,
+    a folder saved by ``datasets`` (or a folder of data files), or a hub data set name
+    (``split`` of it). Errors name ``field`` (the recipe field or CLI option; ``split_field`` for
+    a missing split)."""
     import datasets
 
-    location = recipe.resolve_input(source.path)
     path = Path(location)
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"{field}.path: {path} has an unknown extension (expected {', '.join(_FILE_BUILDERS)})")
+            raise ValueError(f"{field}: {path} has an unknown extension (expected {', '.join(_FILE_BUILDERS)})")
         if path.stat().st_size == 0:
-            raise ValueError(f"{field}.path: {path} is empty (hint: point it at a file of preference pairs)")
+            raise ValueError(f"{field}: {path} is empty (hint: point it at a file of preference pairs)")
         try:
             with quiet_datasets():
                 ds = datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -60,20 +60,29 @@ def load_source(recipe, source, field: str, check: bool = True):
             from fpo_recipes.data_checks import unreadable_line
 
             where = unreadable_line(path) or str(exc).strip().splitlines()[-1][:200]
-            raise ValueError(f"{field}.path: {path} cannot be read as {builder}: {where} (hint: fix the file)") from exc
+            raise ValueError(f"{field}: {path} cannot be read as {builder}: {where} (hint: fix the file)") from exc
     elif path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
         except FileNotFoundError:  # a folder of data files rather than a saved data set
-            ds = datasets.load_dataset(str(path), split=source.split)
+            ds = datasets.load_dataset(str(path), split=split)
         if isinstance(ds, datasets.DatasetDict):
-            if source.split not in ds:
-                raise ValueError(f"{field}.split: {source.split!r} is not in {path} (splits: {', '.join(ds)})")
-            ds = ds[source.split]
+            if split not in ds:
+                raise ValueError(f"{split_field or field}: {split!r} is not in {path} (splits: {', '.join(ds)})")
+            ds = ds[split]
     elif location.startswith((".", "/", "~")) or path.suffix:
-        raise ValueError(f"{field}.path: {location} does not exist")
+        raise ValueError(f"{field}: {location} does not exist")
     else:
-        ds = datasets.load_dataset(location, split=source.split)
+        ds = datasets.load_dataset(location, split=split)
+    return ds
+
+
+def load_source(recipe, source, field: str, check: bool = True):
+    """A DataSource as a ``datasets.Dataset`` (raw columns), ``limit`` applied; with
+    ``check`` its rows are checked (:mod:`fpo_recipes.data_checks`: a bad row is an error
+    naming it, a pair whose chosen equals rejected is skipped)."""
+    location = recipe.resolve_input(source.path)
+    ds = read_dataset(location, source.split, f"{field}.path", f"{field}.split")
     for col in (source.prompt_column, source.chosen_column, source.rejected_column):
         if source.format == "conversation" and col == source.prompt_column:
             continue
@@ -106,6 +115,16 @@ def _split_conversation(row: dict, source) -> tuple[list[dict], str, str]:
     return prompt, chosen[-1]["content"], rejected[-1]["content"]
 
 
+def render_prompt(tokenizer, prompt, template: str | None) -> str:
+    """The prompt text training sees: with a chat template (``template`` not None; the
+    tokenizer's own, or the recipe's installed by :func:`fpo_recipes.models.install_chat_template`)
+    the rendered messages plus the generation prompt, else the plain text."""
+    msgs = _messages(prompt)
+    if template is None:
+        return "\n".join(m["content"] for m in msgs)
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
 def _template_row(row: dict, source, tokenizer, template: str | None) -> dict[str, str]:
     if source.format == "conversation":
         prompt_msgs, chosen, rejected = _split_conversation(row, source)
@@ -115,10 +134,9 @@ def _template_row(row: dict, source, tokenizer, template: str | None) -> dict[st
         rejected = row[source.rejected_column]
         if not isinstance(chosen, str):  # a column of messages: the response is the last one
             chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+    prompt = render_prompt(tokenizer, prompt_msgs, template)
     if template is None:  # plain concatenation: prompt text + response text
-        prompt = "\n".join(m["content"] for m in prompt_msgs)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
     out = {"prompt": prompt}
     for key, response in (("chosen", chosen), ("rejected", rejected)):
         full = tokenizer.apply_chat_template(prompt_msgs + [{"role": "assistant", "content": response}], tokenize=False)
@@ -190,6 +208,16 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
+    """Token ids of a templated prompt, starting with BOS exactly once (the template's own
+    BOS if it writes one, else prepended)."""
+    bos_id, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    ids = _encode(tokenizer, prompt_text)
+    if bos_id is not None and not (bool(bos_text) and prompt_text.startswith(bos_text)):
+        ids = [bos_id] + ids
+    return ids
+
+
 def tokenize_pairs(ds, tokenizer, max_length: int, max_prompt_length: int):
     """Add ``prompt_input_ids`` (starting with BOS exactly once) and response-only
     ``chosen_input_ids`` / ``rejected_input_ids``.
@@ -198,15 +226,10 @@ def tokenize_pairs(ds, tokenizer, max_length: int, max_prompt_length: int):
     prepended here. A long prompt keeps BOS plus its last ``max_prompt_length - 1`` tokens;
     each response is cut so prompt + response <= ``max_length``."""
     bos_id = tokenizer.bos_token_id
-    bos_text = tokenizer.bos_token
     cut = {"prompts": 0, "responses": 0}  # reported: truncation is never silent
 
     def _row(row: dict[str, Any]) -> dict[str, list[int]]:
-        prompt_text = row["prompt"]
-        has_bos = bool(bos_text) and prompt_text.startswith(bos_text)
-        ids = _encode(tokenizer, prompt_text)
-        if bos_id is not None and not has_bos:
-            ids = [bos_id] + ids
+        ids = encode_prompt(tokenizer, row["prompt"])
         if len(ids) > max_prompt_length:
             cut["prompts"] += 1
             head = ids[:1] if bos_id is not None and ids[0] == bos_id else []

@@ -164,10 +164,15 @@ def load_tokenizer(recipe):
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    template = recipe.data.chat_template
+    install_chat_template(tokenizer, recipe.data.chat_template)
+    return tokenizer
+
+
+def install_chat_template(tokenizer, template: str | None) -> None:
+    """``data.chat_template`` on a tokenizer: a Jinja string replaces the tokenizer's own;
+    ``"tokenizer"`` (its own) and None (plain text) leave it as it is."""
     if template not in (None, "tokenizer"):
         tokenizer.chat_template = template
-    return tokenizer
 
 
 def attention_kwargs(config) -> dict[str, Any]:
