@@ -20,17 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
+import offline_env  # noqa: E402 - beside this file
+
+offline_env.apply({"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2

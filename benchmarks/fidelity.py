@@ -30,10 +30,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "WANDB_MODE": "disabled", "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-                     "TRL_EXPERIMENTAL_SILENCE": "1"}.items():
-    os.environ.setdefault(_key, _value)
+import offline_env  # noqa: E402 - beside this file
+
+offline_env.apply()
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
