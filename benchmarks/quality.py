@@ -75,7 +75,8 @@ SIZES = {
     "full": Size(train=24, eval=16, max_answer_tokens=256, max_length=384, steps=6, batch=4, gen_prompts=8,
                  gen_tokens=96, sae_width=2048, sae_tokens=100_000, lr=1e-5),
     "quick": Size(train=8, eval=8, max_answer_tokens=64, max_length=192, steps=2, batch=4, gen_prompts=4,
-                  gen_tokens=32, sae_width=1024, sae_tokens=20_000, lr=2e-5),
+                  gen_tokens=32, sae_width=1024, sae_tokens=60_000, lr=2e-5,
+                  min_explained_variance=0.4),  # a smoke: a rougher SAE is accepted
     # a random tiny model (fpo_recipes.testing): the pipeline end to end in seconds, numbers meaningless
     "tiny": Size(train=12, eval=4, max_answer_tokens=160, max_length=224, steps=1, batch=2, gen_prompts=2, gen_tokens=8,
                  sae_width=64, sae_tokens=2048, model="", min_answer_tokens=1, sae_layer=1, min_explained_variance=0.0),

@@ -37,6 +37,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk names the file it was writing, not only the errno text
+        Path(tmp).unlink(missing_ok=True)
+        from fpo_recipes.errors import path_error
+
+        raise path_error(exc, path) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

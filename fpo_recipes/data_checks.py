@@ -1,16 +1,18 @@
 """Row checks of preference data: what every stage refuses (one error naming the row) and
-what `fpo validate` reports from a bounded scan of the local data files.
+what `fpo validate` and `fpo run`'s preflight report from a bounded scan of the local data
+files (the counts also go into the reference cache's manifest).
 
 Refused, naming the row: a missing or null prompt/chosen/rejected, a number (or anything
 not text / a message list) where text belongs, an empty prompt or response. Skipped, with a
 warning naming the count and rows: a pair whose chosen equals its rejected response (it
 carries no preference signal; every stage skips the same rows, so the cache and training
-agree). Reported by `fpo validate` only: duplicate pairs (each copy trains).
+agree). Reported, not changed: duplicate pairs (each copy trains).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,43 +114,72 @@ def unreadable_line(path: Path) -> str | None:
     return None
 
 
-def scan_source(recipe, source, field: str, limit: int = SCAN_LIMIT) -> tuple[list[str], list[str]]:
-    """(errors, notes) for a local data source: each error names the row (1-based)."""
+@dataclass
+class Survey:
+    """What a scan of one split's rows found (row numbers are 1-based)."""
+
+    rows: int  # rows in the source (after `limit`)
+    scanned: int
+    errors: list[str] = field(default_factory=list)
+    ties: list[int] = field(default_factory=list)  # chosen == rejected: skipped by every stage
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (row, the earlier row it repeats): each trains
+
+    def counts(self) -> dict[str, int]:
+        """For the cache manifest: what the stages' data was cut from."""
+        return {"rows": self.rows, "skipped_identical": len(self.ties), "duplicates": len(self.duplicates)}
+
+    def notes(self, where: str) -> list[str]:
+        notes = []
+        if self.ties:
+            notes.append(f"{where}: {len(self.ties)} pair(s) whose chosen equals rejected will be skipped: "
+                         f"row(s) {_rows_text(self.ties)}")
+        if self.duplicates:
+            shown = ", ".join(f"row {a} = row {b}" for a, b in self.duplicates[:5])
+            notes.append(f"{where}: {len(self.duplicates)} duplicate pair(s) ({shown}"
+                         f"{', ...' if len(self.duplicates) > 5 else ''}); each copy trains")
+        return notes
+
+
+def survey_source(recipe, source, where: str, limit: int | None = SCAN_LIMIT) -> Survey | None:
+    """Scan a local data source's rows (the first ``limit``; None: all); None for a source
+    that is not a local file (a hub data set: its rows are checked when a stage loads it)."""
     from fpo_recipes.data import load_source
 
     location = Path(recipe.resolve_input(source.path))
     if not location.exists():
-        return [], [f"{field}: {source.path} is not a local file; its rows are checked when a stage loads it"]
-    ds = load_source(recipe, source, field, check=False)  # ValueError naming the file / line
-    n = min(len(ds), limit)
-    errors, seen, duplicates, ties = [], {}, [], []
-    for i, row in enumerate(_rows(ds.select(range(n)), field, location)):
+        return None
+    ds = load_source(recipe, source, where, check=False)  # ValueError naming the file / line
+    n = len(ds) if limit is None else min(len(ds), limit)
+    found = Survey(rows=len(ds), scanned=n)
+    seen: dict[str, int] = {}
+    for i, row in enumerate(_rows(ds.select(range(n)), where, location)):
         problem = row_problem(row, source)
         if problem:
-            errors.append(f"{field}: row {i + 1} of {location}: {problem}")
-            if len(errors) >= 10:
-                errors.append(f"{field}: (stopped after 10 bad rows)")
+            found.errors.append(f"{where}: row {i + 1} of {location}: {problem}")
+            if len(found.errors) >= 10:
+                found.errors.append(f"{where}: (stopped after 10 bad rows)")
                 break
             continue
         if is_tie(row, source):
-            ties.append(i + 1)
+            found.ties.append(i + 1)
             continue
         key = json.dumps([row.get(source.prompt_column), row.get(source.chosen_column), row.get(source.rejected_column)],
                          default=str)
         if key in seen:
-            duplicates.append((i + 1, seen[key]))
+            found.duplicates.append((i + 1, seen[key]))
         else:
             seen[key] = i + 1
-    notes = []
-    if ties:
-        notes.append(f"{field}: {len(ties)} pair(s) whose chosen equals rejected will be skipped: row(s) {_rows_text(ties)}")
-    if duplicates:
-        shown = ", ".join(f"row {a} = row {b}" for a, b in duplicates[:5])
-        notes.append(f"{field}: {len(duplicates)} duplicate pair(s) ({shown}{', ...' if len(duplicates) > 5 else ''}); "
-                     "each copy trains")
-    scanned = f"all {n} rows" if n == len(ds) else f"the first {n} of {len(ds)} rows (every row is checked when a stage loads it)"
-    notes.append(f"{field}: checked {scanned}")
-    return errors, notes
+    return found
+
+
+def scan_source(recipe, source, where: str, limit: int = SCAN_LIMIT) -> tuple[list[str], list[str]]:
+    """(errors, notes) for a local data source: each error names the row (1-based)."""
+    found = survey_source(recipe, source, where, limit)
+    if found is None:
+        return [], [f"{where}: {source.path} is not a local file; its rows are checked when a stage loads it"]
+    n = found.scanned
+    scanned = f"all {n} rows" if n == found.rows else f"the first {n} of {found.rows} rows (every row is checked when a stage loads it)"
+    return found.errors, [*found.notes(where), f"{where}: checked {scanned}"]
 
 
 def scan_data(recipe, limit: int = SCAN_LIMIT) -> tuple[list[str], list[str]]:

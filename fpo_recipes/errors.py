@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 _OS_HINTS = {
     errno.EACCES: "make it writable, or point the recipe field at a folder you can write",
@@ -16,6 +17,23 @@ _OS_HINTS = {
     errno.EISDIR: "a folder is where a file should be: choose another path",
     errno.ENOENT: "check the path",
 }
+
+
+# pyarrow raises OSError without errno or filename: its text says which limit was hit.
+_TEXT_ERRNO = {"file too large": errno.EFBIG, "no space left": errno.ENOSPC, "disk quota": errno.EDQUOT,
+               "read-only file system": errno.EROFS, "permission denied": errno.EACCES}
+
+
+def path_error(exc: OSError, path) -> OSError:
+    """``exc`` as an OSError that names ``path`` (the file or folder being written), with an
+    errno recovered from the message where the library gave none (so the hint applies)."""
+    if exc.errno is not None and exc.filename is not None:
+        return exc
+    text = str(exc)
+    code = exc.errno or next((c for k, c in _TEXT_ERRNO.items() if k in text.lower()), None)
+    if code is None:
+        return OSError(f"{path}: {text}")
+    return OSError(code, os.strerror(code), str(path))
 
 
 def describe_os_error(exc: OSError) -> str:

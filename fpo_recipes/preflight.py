@@ -1,7 +1,7 @@
 """What `fpo run` checks before the first stage: everything knowable without compute.
 
 Precision support, the chat template, writable output folders, free disk against an
-estimate of what the run writes, and the process count against the batch. Each problem is
+estimate of what the run writes, the process count against the batch, and the data's rows. Each problem is
 one line naming the recipe field and the fix (:class:`PreflightError`).
 """
 
@@ -162,4 +162,29 @@ def preflight(recipe, stages: set[str]) -> list[str]:
     problem = _disk_problem(recipe, stages)
     if problem:
         raise PreflightError(problem)
+    if stages & {"precompute", "train"}:
+        notes += _data_notes(recipe)
+    return notes
+
+
+def _data_notes(recipe) -> list[str]:
+    """The data's rows, scanned (bounded) before any compute: a bad row is refused here, and
+    the rows every stage skips or repeats are counted in the plan."""
+    from fpo_recipes.data_checks import survey_source
+
+    notes = []
+    for split in ("train", "eval"):
+        source = getattr(recipe.data, split)
+        if source is None:
+            continue
+        try:
+            found = survey_source(recipe, source, f"data.{split}")
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
+        if found is None:
+            continue
+        if found.errors:
+            more = f" (and {len(found.errors) - 1} more: `fpo validate` lists them)" if len(found.errors) > 1 else ""
+            raise PreflightError(f"{found.errors[0]}{more} (hint: fix or remove that row)")
+        notes += found.notes(f"data.{split}")
     return notes

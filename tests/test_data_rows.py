@@ -109,3 +109,27 @@ def test_truncation_is_counted_and_reported(tiny_model_dir, caplog):
         out = tokenize_pairs(ds, tokenizer, max_length=64, max_prompt_length=4)
     assert len(out[0]["prompt_input_ids"]) == 4
     assert "1 of 2 prompts were longer than data.max_prompt_length 4" in caplog.text
+
+
+def test_ties_and_duplicates_are_counted_in_the_run_plan_and_the_cache_manifest(write_recipe, tmp_path):
+    from fpo_recipes.cache import read_manifest
+
+    tie = {"prompt": "Q?", "chosen": "Same.", "rejected": "Same."}
+    data = _write(tmp_path / "pairs.jsonl", [GOOD[0], tie, GOOD[1], GOOD[0], GOOD[2]])
+    path = write_recipe(data={"train": {"path": str(data)}})
+    result = CliRunner().invoke(app, ["run", str(path), "--only", "precompute"])
+    assert result.exit_code == 0, result.output
+    assert "preflight: data.train: 1 pair(s) whose chosen equals rejected will be skipped: row(s) 2" in result.output
+    assert "preflight: data.train: 1 duplicate pair(s) (row 4 = row 1); each copy trains" in result.output
+    manifest = read_manifest(tmp_path / "cache")  # (the train split is the cache folder itself)
+    assert manifest["num_rows"] == 4
+    assert manifest["data"] == {"rows": 5, "skipped_identical": 1, "duplicates": 1}
+
+
+def test_a_bad_row_stops_fpo_run_in_preflight_before_any_stage(write_recipe, tmp_path):
+    data = _write(tmp_path / "pairs.jsonl", [GOOD[0], {"prompt": "Q?", "chosen": None, "rejected": "No."}])
+    path = write_recipe(data={"train": {"path": str(data)}})
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2  # (as for a wrong recipe: nothing ran)
+    assert f"data.train: row 2 of {data}: chosen is null" in result.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "owner.json").exists()

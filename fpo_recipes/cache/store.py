@@ -32,6 +32,7 @@ from fpo_recipes.atomic_io import atomic_write_bytes, atomic_write_json
 
 from fpo_recipes.cache.errors import CacheCorruptError, CacheMismatchError, CacheMissingError
 from fpo_recipes.cache.fingerprint import FORMAT_VERSION, diff_fingerprints, sha256_file
+from fpo_recipes.errors import path_error
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
@@ -220,8 +221,12 @@ def finalize(sdir: Path, n_shards: int, fingerprint: dict[str, Any], info: dict[
     shutil.rmtree(tmp, ignore_errors=True)
     from fpo_recipes.data import quiet_datasets
 
-    with quiet_datasets():
-        ds.save_to_disk(str(tmp))
+    try:
+        with quiet_datasets():
+            ds.save_to_disk(str(tmp))
+    except OSError as exc:  # a full disk or a file-size limit: the shards stay, so a rerun only joins
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise path_error(exc, tmp) from exc
     (sdir / MANIFEST).unlink(missing_ok=True)
     shutil.rmtree(sdir / DATA_DIR, ignore_errors=True)
     os.replace(tmp, sdir / DATA_DIR)

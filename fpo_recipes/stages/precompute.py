@@ -282,6 +282,7 @@ def _build_split(state, model, saes, tokenized, split, sdir, fingerprint, recipe
             "k_cache": recipe.precompute.k_cache if saes else 0,
             "targeted_features": target_ids,
             "pair_ids_sha256": _pair_ids_digest(pair_ids),
+            "data": _data_counts(recipe, split),
             "inputs": _input_locations(recipe, split),
             "num_processes": state.num_processes,
             "device": str(next(model.parameters()).device),
@@ -303,6 +304,14 @@ def _input_locations(recipe, split: str) -> dict[str, Any]:
         "sae": {str(k): v for k, v in sae_sources(recipe).items()} if uses_sae(recipe) else {},
         "data": recipe.resolve_input(source.path),
     }
+
+
+def _data_counts(recipe, split: str) -> dict[str, int] | None:
+    """Rows read, pairs skipped as chosen == rejected, duplicates kept (a local source)."""
+    from fpo_recipes.data_checks import survey_source
+
+    found = survey_source(recipe, getattr(recipe.data, split), f"data.{split}", limit=None)
+    return found.counts() if found is not None else None
 
 
 def _pair_ids_digest(pair_ids: list[str]) -> str:
