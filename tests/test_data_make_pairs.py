@@ -209,3 +209,37 @@ def test_cli_writes_pairs_and_errors_are_one_line(tiny_model_dir, prompts_file, 
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
         assert "Traceback" not in result.output
+
+
+def test_a_recipe_data_build_section_is_the_pipelines_pairs_stage(write_recipe, prompts_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from fpo_recipes.cli.main import app
+    from fpo_recipes.recipe import load_recipe
+
+    build = {"prompts": str(prompts_file), "out": "built", "prefix": "qa-", "train_size": 6, "eval_size": 2,
+             "min_answer_tokens": 1, "max_new_tokens": 8, "batch_size": 2}
+    path = write_recipe(data={"build": build, "train": None})
+    recipe = load_recipe(path)
+    assert recipe.resolve_input(recipe.data.train.path) == str(tmp_path / "built" / "qa-train.jsonl")
+    assert recipe.resolve_input(recipe.data.eval.path) == str(tmp_path / "built" / "qa-eval.jsonl")
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["validate", str(path)])  # the files do not exist yet: the stage writes them
+    assert result.exit_code == 0, result.output
+    assert "written by the pairs stage (data.build)" in result.output
+    plan = runner.invoke(app, ["run", str(path), "--dry-run"]).output
+    assert [line.split()[:2] for line in plan.splitlines()[1:4]] == [["sft", "skip"], ["pairs", "run"], ["sae", "skip"]]
+
+    result = runner.invoke(app, ["run", str(path), "--only", "pairs"])
+    assert result.exit_code == 0, result.output
+    train = _read(tmp_path / "built" / "qa-train.jsonl")
+    assert len(train) == 6 and all(set(r) == {"prompt", "chosen", "rejected"} for r in train)
+    assert (tmp_path / "built" / "pairs.done.json").exists()  # beside the pairs: recipes sharing the build share it
+    plan = runner.invoke(app, ["run", str(path), "--dry-run"]).output
+    assert plan.splitlines()[2].split()[:2] == ["pairs", "reuse"]
+    result = runner.invoke(app, ["validate", str(path)])
+    assert "data.train: checked all 6 rows" in result.output, result.output
+    # a changed build setting reruns the stage (and so everything after it)
+    plan = runner.invoke(app, ["run", str(path), "--dry-run", "--set", "data.build.seed=1"]).output
+    assert plan.splitlines()[2].split()[:3] == ["pairs", "run", "recipe"]

@@ -124,10 +124,14 @@ def test_method_specific_rules(tmp_path):
     assert errors_of(targeted_dpo) == [
         f"{targeted_dpo}:16: constraints: feature-level constraints apply only to objective.method fpo, not dpo (hint: remove constraints)"
     ]
-    # sae with a baseline is ignored with a warning, not an error
-    result = runner.invoke(app, ["validate", str(write(tmp_path, dpo))])
+    # sae with a baseline whose evaluation reads no features is ignored with a warning, not an error
+    unmeasured = dpo + "evaluate:\n  metrics: [preference_accuracy, seq_kl]\n"
+    result = runner.invoke(app, ["validate", str(write(tmp_path, unmeasured, "unmeasured.yaml"))])
     assert result.exit_code == 0
     assert "warning: sae is ignored for objective.method dpo" in result.stderr
+    # the default evaluation reads SAE features (a baseline's feature MSE against its reference): no warning
+    result = runner.invoke(app, ["validate", str(write(tmp_path, dpo, "measured.yaml"))])
+    assert result.exit_code == 0 and "sae is ignored" not in result.stderr, result.stderr
 
 
 def test_local_model_and_sae_shapes_are_checked(tmp_path, tiny_model_dir, tiny_sae_dir):

@@ -43,13 +43,13 @@ def test_fpo_run_end_to_end_then_everything_is_reused(write_recipe):
         assert pipeline.read_marker(recipe, stage) is not None
 
     plans = pipeline.plan_pipeline(load_recipe(path))
-    assert [p.action for p in plans] == ["skip", "skip", "reuse", "reuse", "reuse"]  # sft: none; sae: the SAE is read from sae.path
+    assert [p.action for p in plans] == ["skip", "skip", "skip", "reuse", "reuse", "reuse"]  # sft, pairs: none; sae: the SAE is read from sae.path
 
     data = yaml.safe_load(path.read_text())
     data["evaluate"]["generation"]["num_samples"] = 1
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     plans = pipeline.plan_pipeline(load_recipe(path))
-    assert [p.action for p in plans] == ["skip", "skip", "reuse", "reuse", "run"]
+    assert [p.action for p in plans] == ["skip", "skip", "skip", "reuse", "reuse", "run"]
     pipeline.run_pipeline(load_recipe(path), echo=lambda s: None)
     result = json.loads(metrics_path.read_text())
     assert result["generation"]["num_samples"] == 1

@@ -85,7 +85,7 @@ def test_first_run_runs_all_then_everything_is_reused(write_recipe):
     assert rec2.calls == []
     assert results2["train"] == [recipe.output_dir / "train-output"]
     plans = pipeline.plan_pipeline(recipe)
-    assert [p.action for p in plans] == ["skip", "skip", "reuse", "reuse", "reuse"]  # sft: none; sae: the SAE is read from sae.path
+    assert [p.action for p in plans] == ["skip", "skip", "skip", "reuse", "reuse", "reuse"]  # sft, pairs: none; sae: the SAE is read from sae.path
 
 
 def test_changed_objective_keeps_cache_retrains_and_reevaluates(write_recipe):
@@ -96,7 +96,7 @@ def test_changed_objective_keeps_cache_retrains_and_reevaluates(write_recipe):
     _run(path, rec)
     assert rec.calls == [("train", True), ("evaluate", True)]
     plan = pipeline.plan_pipeline(load_recipe(path))
-    assert [p.action for p in plan] == ["skip", "skip", "reuse", "reuse", "reuse"]
+    assert [p.action for p in plan] == ["skip", "skip", "skip", "reuse", "reuse", "reuse"]
 
 
 def test_changed_evaluate_section_reruns_only_evaluate(write_recipe):
@@ -115,7 +115,7 @@ def test_changed_data_limit_redoes_precompute_and_downstream(write_recipe):
     data["data"]["train"]["limit"] = 4
     path.write_text(yaml.safe_dump(data))
     plans = pipeline.plan_pipeline(load_recipe(path))
-    assert plans[2].stage == "precompute" and plans[2].action == "run" and "data" in plans[2].reason
+    assert plans[3].stage == "precompute" and plans[3].action == "run" and "data" in plans[3].reason
     rec = Recorder()
     _run(path, rec)
     assert rec.stages == ["precompute", "train", "evaluate"]
@@ -159,7 +159,7 @@ def test_simpo_skips_precompute(write_recipe):
     _run(path, rec)
     assert rec.stages == ["train", "evaluate"]
     plans = pipeline.plan_pipeline(load_recipe(path))
-    assert plans[2].stage == "precompute" and plans[2].action == "skip" and "cache" in plans[2].reason
+    assert plans[3].stage == "precompute" and plans[3].action == "skip" and "cache" in plans[3].reason
 
 
 def test_only_precompute_for_a_method_without_cache_is_an_error(write_recipe):

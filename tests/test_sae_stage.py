@@ -206,7 +206,7 @@ class Recorder:
 def test_fpo_run_plans_the_sae_stage_like_any_stage(sae_recipe, no_output_checks):
     recipe = sae_recipe()
     plans = {p.stage: p for p in pipeline.plan_pipeline(recipe)}
-    assert pipeline.STAGES[:2] == ("sft", "sae") and plans["sae"].action == "run" and plans["sae"].outputs == [str(recipe.output_dir / "sae")]
+    assert pipeline.STAGES[:3] == ("sft", "pairs", "sae") and plans["sae"].action == "run" and plans["sae"].outputs == [str(recipe.output_dir / "sae")]
     rec = Recorder()
     pipeline.run_pipeline(recipe, runners=rec.runners(), echo=lambda s: None)
     assert rec.stages == ["sae", "precompute", "train", "evaluate"]

@@ -108,7 +108,7 @@ def _check_files(recipe: Recipe, unparsed: frozenset[str]) -> list[RecipeIssue]:
         located.append((("sft", "data", "path"), recipe.sft.data))
     for loc, source in located:
         resolved = recipe.resolve_input(source.path)
-        if _looks_local(source.path) and not Path(resolved).exists():
+        if _looks_local(source.path) and not Path(resolved).exists() and not recipe.is_built(source):
             issues.append(_issue(recipe, loc, f"{resolved} does not exist (hint: relative paths are read from the recipe's folder)"))
     # A model given as a local path (./x, ../x, /x, ~/x) must be there; "org/name" is a hub name.
     models = [("model", recipe.model)] if "model" not in unparsed else []

