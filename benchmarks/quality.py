@@ -76,8 +76,8 @@ SIZES = {
     # 200-token sequences: ~10 s, the 262k-token LM head most of it): 8 trainings of 3 steps.
     "full": Size(train=12, eval=8, max_answer_tokens=256, max_length=384, steps=3, batch=4, gen_prompts=6,
                  gen_tokens=64, sae_width=2048, sae_tokens=100_000, lr=1e-5),
-    "quick": Size(train=4, eval=4, max_answer_tokens=64, max_length=160, steps=1, batch=4, gen_prompts=2,
-                  gen_tokens=16, sae_width=1024, sae_tokens=60_000, lr=2e-5,
+    "quick": Size(train=4, eval=2, max_answer_tokens=64, max_length=160, steps=1, batch=2, gen_prompts=2,
+                  gen_tokens=8, sae_width=1024, sae_tokens=60_000, lr=2e-5,
                   min_explained_variance=0.4),  # a smoke: a rougher SAE is accepted
     # a random tiny model (fpo_recipes.testing): the pipeline end to end in seconds, numbers meaningless
     "tiny": Size(train=32, eval=4, max_answer_tokens=256, max_length=224, steps=1, batch=2, gen_prompts=2, gen_tokens=8,

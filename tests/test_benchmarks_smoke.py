@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -50,3 +52,28 @@ def test_fidelity_data_reads_the_complete_records_of_a_cut_off_array():
     assert fidelity_data.first_exchange(records[0]) == ("q", "an answer")
     assert fidelity_data.first_exchange({"conversations": [{"from": "gpt", "value": "x"}]}) is None
     assert [r["id"] for r in fidelity_data.complete_records(f"[{whole}, {whole}]")] == ["a", "a"]
+
+
+def test_quality_benchmark_runs_the_six_methods_and_the_control_end_to_end(tmp_path, capsys):
+    """The quality benchmark at the tiny size (a random tiny model on real ShareGPT prompts):
+    every method through `fpo run recipes/sharegpt-*.yaml`, the table, Fig. 3's plot and the
+    control's shift ratios. Numbers are meaningless at this size; their presence and shape are not."""
+    import json
+
+    quality = _load("quality")
+    results = tmp_path / "results"
+    assert quality.main(["--size", "tiny", "--in-process", "--work", str(tmp_path / "work"), "--results", str(results)]) == 0
+    md = (results / "quality_tiny.md").read_text()
+    record = json.loads((results / "quality_tiny.json").read_text())
+    assert "| method | Acc (likelihood) | Acc (implicit reward) | Entropy H | SeqKL chosen | SeqKL rejected |" in md
+    assert [r["name"] for r in record["rows"]] == ["reference", "dpo", "simpo", "tdpo1", "tdpo2", "simpo_kl", "fpo"]
+    for row in record["rows"][1:]:  # every trained row measured against its reference
+        assert row["seq_kl_chosen"] > 0 and row["seq_kl_rejected"] > 0 and 0 <= row["likelihood_accuracy"] <= 1
+    assert (results / "quality_tiny_kl.png").stat().st_size > 0
+    assert record["pairs"]["source"]["prompts"] == "sharegpt" and record["pairs"]["counts"]["read"] == 17_671
+    control = {r["name"]: r for r in record["control"]["rows"]}
+    assert record["control"]["features"], record["control"].get("note")
+    for weighted in ("fpo, weight 0", "fpo, weight 2"):
+        row = control[weighted]
+        assert row["ratio"] == pytest.approx(row["targeted"] / row["untargeted"], rel=1e-9)
+    assert "ratio (targeted ÷ untargeted)" in md and "SeqKL (chosen) below SimPO's" in md
