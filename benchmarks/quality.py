@@ -11,7 +11,8 @@ Everything runs through the normal pipeline, as a user would run it:
    one SAE all share; one reference cache per distinct cache fingerprint
    (``fpo_recipes.sweep.cache_key``: the runs whose caches would be equal share one folder).
    The reference model is the zero row.
-2. Control: ``fpo features discover --behaviour bullet_list`` on the chosen answers, then FPO
+2. Control: ``fpo features discover`` on ShareGPT answers with a bullet list against answers
+   without (outside the pairs: the training pairs hold too few lists), then FPO
    with weight 0 and weight 2 on those features (the same cache: only the weight differs), the
    targeted features' pooled-activation shift against the untargeted ones, and the share of
    generations with a bullet list (reference, FPO unweighted, weight 0, weight 2; same prompts).
@@ -196,14 +197,44 @@ def training_log(run_dir: Path) -> list[dict]:
 
 
 # --- the control experiment ----------------------------------------------------------------
-def discover(sets: list[str], work: Path, log: Path) -> tuple[list[int], Path]:
+DISCOVERY_TEXTS = 24  # answers per side (with the behaviour / without)
+
+
+def discovery_sets(work: Path) -> tuple[Path, Path, dict]:
+    """Target and contrast texts for discovery: ShareGPT answers outside the benchmark's pairs
+    (English, 200-1000 characters: about the pairs' 16-256 tokens), split by the behaviour. The
+    training pairs themselves are too few: about one answer in five has a bullet list."""
+    import random
+
+    from fpo_recipes.behaviours import split_by_behaviour
+    from fpo_recipes.pairs.filters import looks_english
+    from fpo_recipes.pairs.sources import read_pairs
+
+    used = {json.loads(line)["prompt"] for split in ("train", "eval")
+            for line in (work / "data" / f"sharegpt-{split}.jsonl").read_text().splitlines()}
+    records, _ = read_pairs("sharegpt")
+    pool = [a for p, a in records if p not in used and looks_english(p) and looks_english(a) and 200 <= len(a) <= 1000]
+    random.Random(0).shuffle(pool)
+    targets, contrast = split_by_behaviour(pool[:20 * DISCOVERY_TEXTS], BEHAVIOUR)
+    out = work / "control"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, texts in (("targets", targets[:DISCOVERY_TEXTS]), ("contrast", contrast[:DISCOVERY_TEXTS])):
+        path = out / f"{BEHAVIOUR}-{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        paths.append(path)
+    return paths[0], paths[1], {"pool": len(pool), "targets": min(len(targets), DISCOVERY_TEXTS),
+                                "contrast": min(len(contrast), DISCOVERY_TEXTS)}
+
+
+def discover(sets: list[str], work: Path, log: Path) -> tuple[list[int], Path, dict]:
+    targets, contrast, counts = discovery_sets(work)
     out = work / "control" / f"{BEHAVIOUR}-features.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    args = ["features", "discover", str(recipe_file("fpo")), "--behaviour", BEHAVIOUR, "-o", str(out), "--top", "64",
-            "--ratio", "1.5", "--min-z", "2.0", *[a for s in sets for a in ("--set", s)]]
+    args = ["features", "discover", str(recipe_file("fpo")), "--targets", str(targets), "--contrast", str(contrast),
+            "-o", str(out), "--top", "64", "--ratio", "1.5", "--min-z", "2.0", *[a for s in sets for a in ("--set", s)]]
     fpo(*args, log=log)
     features = json.loads(out.read_text())["features"]
-    return features, out
+    return features, out, counts
 
 
 # --- report --------------------------------------------------------------------------------
@@ -307,8 +338,10 @@ def control_report(control: dict) -> str:
     header = ["run", "targeted mean |shift|", "untargeted mean |shift|", "ratio (targeted ÷ untargeted)", "bullet-list rate"]
     table = markdown_table(header, [[r["name"], *(fmt(r.get(k)) for k in ("targeted", "untargeted", "ratio", "rate"))]
                                     for r in control["rows"]])
-    return (f"Features for `{control['behaviour']}` ({len(control['features'])}, from `fpo features discover "
-            f"--behaviour {control['behaviour']}`): {control['features']}\n\n{table}")
+    d = control.get("discovery") or {}
+    where = (f"`fpo features discover --targets/--contrast`: {d.get('targets')} ShareGPT answers with a "
+             f"{control['behaviour'].replace('_', ' ')} against {d.get('contrast')} without, none of them in the pairs")
+    return f"Features for `{control['behaviour']}` ({len(control['features'])}, {where}): {control['features']}\n\n{table}"
 
 
 def shift_of(metrics: dict) -> dict:
@@ -372,15 +405,16 @@ def main(argv: list[str] | None = None) -> int:
         print("[quality] control: discovering features ...", flush=True)
         start = time.time()
         try:
-            features, features_file = discover(sets, work, log)
-        except SystemExit as exc:  # e.g. no training answer shows the behaviour: said, not fatal
+            features, features_file, discovery_counts = discover(sets, work, log)
+        except SystemExit as exc:  # e.g. no text shows the behaviour: said, not fatal
             print(f"[quality] control: discovery failed: {exc}", flush=True)
-            features, features_file = [], None
+            features, features_file, discovery_counts = [], None, {}
             discovery_error = str(exc).splitlines()[-1]
         else:
             discovery_error = None
         timings["discover"] = time.time() - start
-        control = {"behaviour": BEHAVIOUR, "features": features, "features_file": str(features_file), "rows": []}
+        control = {"behaviour": BEHAVIOUR, "features": features, "features_file": str(features_file), "rows": [],
+                   "discovery": discovery_counts}
         if discovery_error:
             control["note"] = f"discovery found no features ({discovery_error}): the weighted runs were skipped"
         fpo_run = next((r for r in runs if r["method"] == "fpo"), None)
