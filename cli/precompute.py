@@ -52,6 +52,9 @@ def precompute(
     else:
         recipe = load_recipe_or_exit(recipe_file, overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # our own level: Accelerate sets the root logger's from ACCELERATE_LOG_LEVEL (Axolotl exports
+    # it), which would silence "resuming ... already done" and "up to date"
+    logging.getLogger("fpo_recipes").setLevel(logging.INFO)
 
     launch = launch_or_exit(launcher, launcher_args)
     from fpo_recipes.cache import CacheError, read_manifest, split_dir

@@ -46,6 +46,9 @@ def sweep(
         typer.echo(format_sweep(plan))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # precompute says when a cache is reused
+    # our own level: Accelerate sets the root logger's from ACCELERATE_LOG_LEVEL (Axolotl exports
+    # it), which would silence "resuming ... already done" and "up to date"
+    logging.getLogger("fpo_recipes").setLevel(logging.INFO)
     try:
         result = run_sweep(plan, echo=typer.echo)
     except PipelineError as exc:

@@ -73,8 +73,12 @@ def _precompute(path, *extra, fsize=None):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
+    import os
+
+    # ACCELERATE_LOG_LEVEL as Axolotl exports it: the resume message must still be shown
+    env = {**os.environ, "ACCELERATE_LOG_LEVEL": "warning"}
     return subprocess.run([sys.executable, "-m", "fpo_recipes.cli.main", "precompute", str(path), *extra],
-                          capture_output=True, text=True, preexec_fn=limit if fsize else None)
+                          capture_output=True, text=True, preexec_fn=limit if fsize else None, env=env)
 
 
 def test_a_file_size_limit_at_the_cache_join_names_the_folder_and_the_rerun_resumes(write_recipe, tmp_path):
