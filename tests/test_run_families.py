@@ -39,7 +39,7 @@ def test_fpo_run_trains_its_sae_and_runs_end_to_end(family, tmp_path, pairs_file
     results = pipeline.run_pipeline(recipe, echo=lines.append)
     stage_lines = [line for line in lines[0].splitlines()[1:] if not line.startswith("   ")]  # not the notes under a stage
     assert [(line.split()[0], line.split()[1]) for line in stage_lines] == [
-        ("sft", "skip"), ("sae", "run"), ("precompute", "run"), ("train", "run"), ("evaluate", "run")]
+        ("sft", "skip"), ("pairs", "skip"), ("sae", "run"), ("precompute", "run"), ("train", "run"), ("evaluate", "run")]
     [sae_dir] = results["sae"]
     stats = read_record(sae_dir)["stats"]
     assert stats["explained_variance"] >= 0.5 and stats["l0"] <= 4
@@ -52,4 +52,4 @@ def test_fpo_run_trains_its_sae_and_runs_end_to_end(family, tmp_path, pairs_file
                               DiscoveryParams(top=5, ratio=1.0, min_z=-10.0), device="cpu")
     assert found["features"] and all(0 <= f < SAE_TRAIN["width"] for f in found["features"])
 
-    assert [p.action for p in pipeline.plan_pipeline(load_and_check(path))] == ["skip"] + ["reuse"] * 4  # sft: none
+    assert [p.action for p in pipeline.plan_pipeline(load_and_check(path))] == ["skip", "skip"] + ["reuse"] * 4  # sft, pairs: none

@@ -216,7 +216,7 @@ def test_fpo_run_plans_the_sae_stage_like_any_stage(sae_recipe, no_output_checks
     # (another file on the same run folder: --force takes it over, as an edit of recipe.yaml would not need)
     pipeline.run_pipeline(changed, runners=rec.runners(), echo=lambda s: None, force=True)
     assert rec.stages == ["sae", "precompute", "train", "evaluate"]
-    assert [p.action for p in pipeline.plan_pipeline(sae_recipe("bar.yaml", lr=1e-3, min_explained_variance=0.9))] == ["skip"] + ["reuse"] * 4
+    assert [p.action for p in pipeline.plan_pipeline(sae_recipe("bar.yaml", lr=1e-3, min_explained_variance=0.9))] == ["skip", "skip"] + ["reuse"] * 4
     # a method that reads no SAE features, with metrics that read none either, skips it
     dpo = {"method": "dpo", "beta": 0.1, "alpha": None, "k": 4, "pooling": "mean"}
     data = yaml.safe_load(recipe.source_path.read_text())

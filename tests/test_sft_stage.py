@@ -54,7 +54,7 @@ def test_sft_then_fpo_starts_from_and_refers_to_the_sft_model(write_recipe, tmp_
     path = write_recipe(sft=sft, evaluate=small_eval)
     recipe = load_recipe(path)
     plans = pipeline.plan_pipeline(recipe)
-    assert [(p.stage, p.action) for p in plans][:2] == [("sft", "run"), ("sae", "skip")]
+    assert [(p.stage, p.action) for p in plans][:3] == [("sft", "run"), ("pairs", "skip"), ("sae", "skip")]
 
     results = pipeline.run_pipeline(recipe, echo=lambda s: None)
     model_dir = results["sft"][0]
@@ -74,7 +74,7 @@ def test_sft_then_fpo_starts_from_and_refers_to_the_sft_model(write_recipe, tmp_
     assert axolotl_cfg["base_model"] == str(model_dir.resolve())
     metrics = json.loads(results["evaluate"][0].read_text())
     assert metrics["reference_model"] == str(model_dir.resolve())
-    assert [p.action for p in pipeline.plan_pipeline(load_recipe(path))] == ["reuse", "skip", "reuse", "reuse", "reuse"]
+    assert [p.action for p in pipeline.plan_pipeline(load_recipe(path))] == ["reuse", "skip", "skip", "reuse", "reuse", "reuse"]
 
     # a second preference recipe on the same SFT model reuses it (one shared folder and marker)
     other = load_recipe(write_recipe("dpo.yaml", sft=sft, objective={"method": "dpo", "beta": 0.2, "alpha": None},
@@ -88,6 +88,7 @@ def test_sft_then_fpo_starts_from_and_refers_to_the_sft_model(write_recipe, tmp_
     assert changed.start_model.name_or_path != recipe.start_model.name_or_path
     assert [(p.action, p.reason) for p in pipeline.plan_pipeline(changed)] == [
         ("run", "not done yet"),
+        ("skip", "the recipe has no data.build (its pairs are data.train's files)"),
         ("skip", "the SAE is read from sae.path, not trained here"),
         ("run", "sft reruns"),
         ("run", "sft reruns"),
