@@ -22,6 +22,16 @@ def set_option():
     return typer.Option(None, "--set", metavar="KEY.PATH=VALUE", help=SET_HELP)
 
 
+def show_info_logs() -> None:
+    """Print the stages' INFO lines ("resuming ... already done", "up to date"): on our own
+    logger too, since Accelerate sets the root logger's level from ACCELERATE_LOG_LEVEL
+    (which Axolotl exports)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fpo_recipes").setLevel(logging.INFO)
+
+
 def load_recipe_or_exit(path: Path, overrides: list[str] | None = None) -> Recipe:
     """Load and check a recipe (with `--set` overrides); on any problem print each
     `file:line: field: message` and exit 1."""

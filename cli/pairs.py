@@ -48,6 +48,7 @@ def make_pairs(
     device: str | None = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
 ) -> None:
     from fpo_recipes.pairs.build import make_pairs as build
+    from fpo_recipes.pairs.build import summary
     from fpo_recipes.pairs.filters import Filters
     from fpo_recipes.pairs.generate import GenerationParams
 
@@ -58,10 +59,8 @@ def make_pairs(
         train_size=train_size, eval_size=eval_size, seed=seed, chat_template=template,
         generation=GenerationParams(max_new_tokens, temperature, tuple(stop or ()), seed, batch_size),
         device=device, prefix=prefix, log=typer.echo)
-    counts = manifest["counts"]
-    typer.echo("filters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    for name, info in manifest["outputs"].items():
-        typer.echo(f"{name}: {info['path']} ({info['rows']} pairs)")
+    for line in summary(manifest):
+        typer.echo(line)
     typer.echo(f"manifest: {Path(out) / (prefix + 'pairs.json')}")
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit, set_option
+from fpo_recipes.cli.common import (LAUNCHER_ARGS_HELP, LAUNCHER_HELP, launch_or_exit, load_recipe_or_exit, set_option,
+                                    show_info_logs)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,8 +33,6 @@ def precompute(
     built from other inputs is refused (use --force to rebuild). With --axolotl-config the
     recipe is the one the FPO plugin trains for that YAML (synthesized from its keys, or
     its fpo_recipe), so `axolotl train` finds this cache."""
-    import logging
-
     if (recipe_file is None) == (axolotl_config is None):
         typer.echo("error: give a recipe file or --axolotl-config AXOLOTL.yaml (one of them)", err=True)
         raise typer.Exit(1)
@@ -51,10 +50,7 @@ def precompute(
             raise typer.Exit(1) from None
     else:
         recipe = load_recipe_or_exit(recipe_file, overrides)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # our own level: Accelerate sets the root logger's from ACCELERATE_LOG_LEVEL (Axolotl exports
-    # it), which would silence "resuming ... already done" and "up to date"
-    logging.getLogger("fpo_recipes").setLevel(logging.INFO)
+    show_info_logs()
 
     launch = launch_or_exit(launcher, launcher_args)
     from fpo_recipes.cache import CacheError, read_manifest, split_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from fpo_recipes.cli.common import set_option
+from fpo_recipes.cli.common import set_option, show_info_logs
 
 
 def register(app: typer.Typer) -> None:
@@ -30,8 +30,6 @@ def sweep(
     computed once. Rerunning the same command resumes: finished stages are
     reused. Ends with `fpo compare` over the points (compare.md and .png in
     the sweep folder)."""
-    import logging
-
     from fpo_recipes.cli.evaluate import print_compare
     from fpo_recipes.recipe import RecipeError
     from fpo_recipes.stages.run import PipelineError, PipelineInterrupted
@@ -45,10 +43,7 @@ def sweep(
     if dry_run:
         typer.echo(format_sweep(plan))
         return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # precompute says when a cache is reused
-    # our own level: Accelerate sets the root logger's from ACCELERATE_LOG_LEVEL (Axolotl exports
-    # it), which would silence "resuming ... already done" and "up to date"
-    logging.getLogger("fpo_recipes").setLevel(logging.INFO)
+    show_info_logs()  # precompute says when a cache is reused
     try:
         result = run_sweep(plan, echo=typer.echo)
     except PipelineError as exc:

@@ -67,6 +67,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def summary(manifest: dict[str, Any]) -> list[str]:
+    """The lines `fpo data make-pairs` and the pairs stage print after a build."""
+    lines = ["filters: " + ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())]
+    return lines + [f"{name}: {info['path']} ({info['rows']} pairs)" for name, info in manifest["outputs"].items()]
+
+
 def make_pairs(prompts: str, out: str | Path, model: str, *, answers: str | None = None, prompt_field: str = "prompt",
                answer_field: str = "answer", split: str = "train", filters: Filters = Filters(), train_size: int = 256,
                eval_size: int = 64, seed: int = 0, chat_template: str | None = "tokenizer",

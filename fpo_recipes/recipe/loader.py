@@ -15,7 +15,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from fpo_recipes.recipe.bases import BaseNotFound, resolve_base
 from fpo_recipes.recipe.migrations import Migration, migrate
 from fpo_recipes.recipe.overrides import OverrideError, apply_overrides, label
-from fpo_recipes.recipe.sae_sources import uses_sae
+from fpo_recipes.recipe.sae_sources import sae_is_read, uses_sae
 from fpo_recipes.recipe.schema import Recipe, methods_where
 
 Loc = tuple[str | int, ...]
@@ -293,8 +293,7 @@ def parse_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     recipe._overrides = tuple(overrides)
     recipe._migrations = tuple(doc.migrations)
     issues += [RecipeIssue(*origin_of(recipe, loc), field_path(loc), msg) for loc, msg in recipe.cross_section_problems(unparsed)]
-    feature_metrics = {"feature_mse", "targeted_shift"} & set(recipe.evaluate.metrics)  # (stages.evaluate.FEATURE_METRICS)
-    if not issues and recipe.sae is not None and not uses_sae(recipe) and not feature_metrics:
+    if not issues and recipe.sae is not None and not sae_is_read(recipe):
         recipe._warnings.append(
             f"sae is ignored for objective.method {recipe.objective.method} (only {methods_where('needs_sae')} uses SAE features)"
         )

@@ -69,6 +69,14 @@ def uses_sae(recipe) -> bool:
     return recipe.sae is not None and get_method(recipe.objective.method).needs_sae
 
 
+def sae_is_read(recipe) -> bool:
+    """Whether anything reads the recipe's SAE: training (:func:`uses_sae`) or an evaluation
+    metric of SAE features (a baseline's feature MSE against its reference)."""
+    from fpo_recipes.recipe.schema import FEATURE_METRICS
+
+    return recipe.sae is not None and (uses_sae(recipe) or bool(FEATURE_METRICS & set(recipe.evaluate.metrics)))
+
+
 def layer_depth_problem(layer: int, depth: int) -> str | None:
     """Why ``layer`` is not a decoder layer of a ``depth``-layer model (None if it is one)."""
     if 0 <= layer < depth:

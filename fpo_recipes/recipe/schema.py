@@ -70,6 +70,7 @@ VERIFIER_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # train.report_to: the experiment trackers Axolotl reports to ("none": no tracker at all)
 REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
 METRICS = ("preference_accuracy", "seq_kl", "feature_mse", "entropy", "targeted_shift", "answer_accuracy", "win_rate")
+FEATURE_METRICS = frozenset({"feature_mse", "targeted_shift"})  # the metrics that read SAE features
 
 
 class Section(BaseModel):
@@ -352,6 +353,10 @@ class PairsBuild(Section):
     def output(self, split: str) -> str:
         return f"{self.out.rstrip('/')}/{self.prefix}{split}.jsonl"
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "eval") if self.eval_size else ("train",)
+
 
 class DataSpec(Section):
     build: PairsBuild | None = None
@@ -367,7 +372,7 @@ class DataSpec(Section):
         if self.build is not None:  # the built files are the data unless named otherwise
             if self.train is None:
                 self.train = DataSource(path=self.build.output("train"))
-            if self.eval is None and self.build.eval_size:
+            if self.eval is None and "eval" in self.build.splits:
                 self.eval = DataSource(path=self.build.output("eval"))
         if self.train is None:
             raise ValueError("train: required (hint: give data.train.path, or a data.build section that writes it)")
@@ -720,12 +725,14 @@ class Recipe(Section):
         build = self.data.build
         return None if build is None else (self.base_dir / Path(build.out).expanduser()).resolve()
 
+    def built_files(self) -> dict[str, Path]:
+        """Split → the file the pairs stage writes for it (none without data.build)."""
+        build = self.data.build
+        return {} if build is None else {s: Path(self.resolve_input(build.output(s))) for s in build.splits}
+
     def is_built(self, source) -> bool:
         """``source`` is a file the pairs stage writes (so it need not exist before the run)."""
-        if self.pairs_dir is None or source is None:
-            return False
-        built = {str(self.pairs_dir / f"{self.data.build.prefix}{split}.jsonl") for split in ("train", "eval")}
-        return self.resolve_input(source.path) in built
+        return source is not None and Path(self.resolve_input(source.path)) in self.built_files().values()
 
     @property
     def cache_dir(self) -> Path:

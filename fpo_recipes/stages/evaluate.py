@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from fpo_recipes.atomic_io import replace_folder
-from fpo_recipes.recipe.schema import Recipe
+from fpo_recipes.recipe.schema import FEATURE_METRICS, Recipe
 
 EVAL_DIRNAME = "eval"
-FEATURE_METRICS = {"feature_mse", "targeted_shift"}
 CONSTRAINT_DOMINATES = 0.5  # constraint share of |u| above which the report warns
 
 

@@ -34,20 +34,15 @@ def build_arguments(recipe: Recipe) -> dict[str, Any]:
 def outputs(recipe: Recipe) -> list[Path]:
     from fpo_recipes.pairs.build import MANIFEST
 
-    b = recipe.data.build
-    splits = ["train"] + (["eval"] if b.eval_size else [])
-    return [recipe.pairs_dir / f"{b.prefix}{s}.jsonl" for s in splits] + [recipe.pairs_dir / f"{b.prefix}{MANIFEST}"]
+    return [*recipe.built_files().values(), recipe.pairs_dir / f"{recipe.data.build.prefix}{MANIFEST}"]
 
 
 def run_stage(recipe: Recipe, force: bool) -> list[Path]:
-    from fpo_recipes.pairs.build import make_pairs
+    from fpo_recipes.pairs.build import make_pairs, summary
 
     def log(line: str) -> None:
         print(f"[pairs] {line}", flush=True)
 
-    manifest = make_pairs(**build_arguments(recipe), log=log)
-    counts = manifest["counts"]
-    log("filters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    for name, info in manifest["outputs"].items():
-        log(f"{name}: {info['path']} ({info['rows']} pairs)")
+    for line in summary(make_pairs(**build_arguments(recipe), log=log)):
+        log(line)
     return outputs(recipe)

@@ -152,15 +152,14 @@ def _pairs_outputs(recipe: Recipe) -> list[Path]:
 
 # --- sae -------------------------------------------------------------------------------------
 def _sae_not_needed(recipe: Recipe) -> str | None:
-    from fpo_recipes.recipe.sae_sources import uses_sae
-    from fpo_recipes.stages.evaluate import FEATURE_METRICS
+    from fpo_recipes.recipe.sae_sources import sae_is_read
 
     sae = recipe.sae
     if sae is None:
         return "the recipe has no SAE"
     if sae.train is None:
         return f"the SAE is {'pretrained (sae.release)' if sae.release else 'read from sae.path'}, not trained here"
-    if not uses_sae(recipe) and not FEATURE_METRICS & set(recipe.evaluate.metrics):
+    if not sae_is_read(recipe):
         return f"{recipe.objective.method} uses no SAE features and evaluate reads none"
     return None
 
