@@ -17,7 +17,7 @@ from fpo_recipes.recipe.sae_sources import sae_location, uses_sae
 
 app = typer.Typer(
     name="fpo",
-    help="Feature-level constrained preference optimisation recipes: validate, then run (sft, sae, precompute, train, evaluate).",
+    help="Feature-level constrained preference optimisation recipes: validate, then run (sft, pairs, sae, precompute, train, evaluate).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
